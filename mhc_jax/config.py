@@ -1,0 +1,159 @@
+"""Frozen, validated configs. A bad value raises `ConfigError` naming field, value and what is allowed.
+
+Model side: `ConnectionConfig` (which residual connection wraps each sublayer) and `ModelConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration mistake: one line, no traceback needed."""
+
+
+def fail(field: str, value: Any, allowed: str):
+  raise ConfigError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+def check_choice(field: str, value: Any, choices):
+  if value not in choices:
+    fail(field, value, "choose one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_int(field: str, value: Any, minimum: int):
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    fail(field, value, f"an integer >= {minimum}")
+
+
+def check_float(field: str, value: Any, minimum: float = 0.0, strict: bool = False):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if not ok or value < minimum or (strict and value == minimum):
+    fail(field, value, f"a finite number {'>' if strict else '>='} {minimum}")
+
+
+KINDS = ("residual", "hc", "mhc", "mhc_lite")
+INITS = ("hc_like", "uniform", "identity")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret")
+DTYPES = ("auto", "float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+COLLAPSE = ("sum", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionConfig:
+  """Residual connection around each sublayer: `u = pre(x); y = branch(norm(u)); x = post(x, y)`.
+
+  kind: residual (n=1, plain pre-norm residual) | hc | mhc | mhc_lite.
+  dynamic: HC only; False gives static HC (theta fixed at 0).
+  init: mHC/mHC-lite initial parameters; see `mhc_jax.layers.init` for the presets.
+  sinkhorn_eps / pre_eps / mix_dtype: 0, 0, "float32" for the paper; `dsv4()` for DeepSeek-V4.
+  implementation: stream-op backend (`auto|xla|pallas|interpret`, see `mhc_jax.kernels`).
+  """
+  kind: str = "mhc"
+  n_streams: int = 4
+  dynamic: bool = True
+  sinkhorn_iters: int = 20
+  sinkhorn_eps: float = 0.0
+  pre_eps: float = 0.0
+  norm_eps: float = 1e-6
+  gate_init: float = 0.01
+  init: str = "hc_like"
+  mix_dtype: str = "float32"
+  implementation: str = "xla"
+
+  def __post_init__(self):
+    check_choice("connection.kind", self.kind, KINDS)
+    check_int("connection.n_streams", self.n_streams, 1)
+    if self.kind == "residual" and self.n_streams != 1:
+      fail("connection.n_streams", self.n_streams, "kind='residual' needs n_streams=1")
+    if self.kind == "mhc_lite" and self.n_streams > 6:
+      fail("connection.n_streams", self.n_streams,
+           "kind='mhc_lite' needs n_streams <= 6 (it has n! parameters per site)")
+    if not isinstance(self.dynamic, bool):
+      fail("connection.dynamic", self.dynamic, "true or false")
+    check_int("connection.sinkhorn_iters", self.sinkhorn_iters, 1)
+    check_float("connection.sinkhorn_eps", self.sinkhorn_eps)
+    check_float("connection.pre_eps", self.pre_eps)
+    check_float("connection.norm_eps", self.norm_eps)
+    check_float("connection.gate_init", self.gate_init)
+    check_choice("connection.init", self.init, INITS)
+    check_choice("connection.mix_dtype", self.mix_dtype, ("float32", "activation"))
+    check_choice("connection.implementation", self.implementation, IMPLEMENTATIONS)
+
+  @property
+  def n(self) -> int:
+    return self.n_streams
+
+
+def dsv4(**overrides) -> ConnectionConfig:
+  """DeepSeek-V4 numerics: n=4, 20 iterations, eps 1e-6 in Sinkhorn and on H_pre, bf16 mixing."""
+  base = dict(kind="mhc", n_streams=4, sinkhorn_iters=20, sinkhorn_eps=1e-6, pre_eps=1e-6,
+              norm_eps=1e-6, mix_dtype="activation")
+  base.update(overrides)
+  return ConnectionConfig(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder LM: embed -> expand to n streams -> L x (attention, SwiGLU) -> collapse -> norm -> head."""
+  vocab_size: int = 256
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  d_ff: int = 0                 # 0: round(8/3 * d_model) up to a multiple of 64
+  max_seq_len: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  tie_embeddings: bool = True
+  dtype: str = "auto"           # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
+  scan_layers: bool = True
+  remat: str = "none"
+  collapse: str = "sum"
+  connection: ConnectionConfig = dataclasses.field(default_factory=ConnectionConfig)
+
+  def __post_init__(self):
+    check_int("model.vocab_size", self.vocab_size, 2)
+    check_int("model.d_model", self.d_model, 1)
+    check_int("model.n_layers", self.n_layers, 1)
+    check_int("model.n_heads", self.n_heads, 1)
+    if self.d_model % self.n_heads:
+      fail("model.n_heads", self.n_heads, f"must divide model.d_model={self.d_model}")
+    if (self.d_model // self.n_heads) % 2:
+      fail("model.n_heads", self.n_heads,
+           f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+    check_int("model.d_ff", self.d_ff, 0)
+    check_int("model.max_seq_len", self.max_seq_len, 1)
+    check_float("model.rope_theta", self.rope_theta, 0.0, strict=True)
+    check_float("model.norm_eps", self.norm_eps)
+    check_float("model.init_std", self.init_std, 0.0, strict=True)
+    check_choice("model.dtype", self.dtype, DTYPES)
+    check_choice("model.remat", self.remat, REMAT)
+    check_choice("model.collapse", self.collapse, COLLAPSE)
+    if not isinstance(self.connection, ConnectionConfig):
+      fail("model.connection", self.connection, "a ConnectionConfig")
+    if self.collapse == "head" and self.connection.kind == "residual":
+      fail("model.collapse", self.collapse, "'head' needs a multi-stream connection, not 'residual'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    return self.d_ff or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+  @property
+  def n_sites(self) -> int:
+    """Connection sites: attention and MLP of each block (2L)."""
+    return 2 * self.n_layers
+
+
+def compute_dtype(name: str):
+  import jax
+  import jax.numpy as jnp
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]

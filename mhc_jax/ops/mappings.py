@@ -1,0 +1,135 @@
+"""Connection mappings `(h_pre [..., n], h_post [..., n], h_res [..., n, n])`, float32.
+
+mHC (paper Eqs. 7-9 in the fused form of Eqs. 14-19; packed layout in DESIGN.md):
+    h       = (x_flat @ phi) * rsqrt(mean(x_flat^2) + norm_eps)       x_flat = vec(x) in R^{nC}
+    H_pre   = sigmoid(a0 h_pre + b_pre) (+ pre_eps)
+    H_post  = 2 sigmoid(a1 h_post + b_post)
+    H_res   = sinkhorn(a2 mat(h_res) + b_res)                         mat() row-major
+mHC-lite: H_res = sum_k softmax(a2 h_res + b_res)_k P_k,  P_k = eye(n)[perm_k].
+HC (mHC paper Eq. 5, per-stream RMS norm x~_j):
+    H_pre[j] = a0 tanh(theta_pre . x~_j) + b_pre[j],   H_post[j] = a1 tanh(theta_post . x~_j) + b_post[j]
+    H_res[i, j] = a2 tanh(theta_res[i] . x~_j) + b_res[i, j]
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mhc_jax.ops.sinkhorn import sinkhorn
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mhc_width(n: int) -> int:
+  """Packed width of the mHC projection: `[pre (n) | post (n) | res (n*n)]`."""
+  return n * n + 2 * n
+
+
+def mhc_lite_width(n: int) -> int:
+  """Packed width of the mHC-lite projection: `[pre (n) | post (n) | res (n!)]`."""
+  return math.factorial(n) + 2 * n
+
+
+@functools.lru_cache(maxsize=None)
+def permutation_matrices(n: int) -> np.ndarray:
+  """`[n!, n, n]` float32; `P_k = eye(n)[perm_k]`, perms in itertools.permutations order."""
+  perms = np.array(list(itertools.permutations(range(n))), dtype=np.int64)
+  return np.eye(n, dtype=np.float32)[perms]
+
+
+def projected_logits(x: jax.Array, phi: jax.Array, norm_eps: float) -> jax.Array:
+  """`(vec(x) @ phi) * rsqrt(mean(vec(x)^2) + norm_eps)` in float32 (paper Eqs. 14-15).
+
+  The RMS factor is applied after the matmul: one pass over x gives both the projection and the
+  sum of squares.
+  """
+  n, c = x.shape[-2:]
+  xf = x.reshape(*x.shape[:-2], n * c).astype(jnp.float32)
+  proj = jnp.einsum("...k,kw->...w", xf, phi.astype(jnp.float32), precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
+  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + norm_eps)
+  return proj * inv_rms
+
+
+def _pre_post(logits: jax.Array, b: jax.Array, alpha: jax.Array, n: int, pre_eps: float):
+  h_pre = jax.nn.sigmoid(alpha[0] * logits[..., :n] + b[:n]) + pre_eps
+  h_post = 2.0 * jax.nn.sigmoid(alpha[1] * logits[..., n:2 * n] + b[n:2 * n])
+  return h_pre, h_post
+
+
+def _check_packed(name: str, x: jax.Array, params: Mapping[str, jax.Array], width: int):
+  n, c = x.shape[-2:]
+  want = {"phi": (n * c, width), "b": (width,), "alpha": (3,)}
+  for key, shape in want.items():
+    if key not in params:
+      raise ValueError(f"{name}: params is missing {key!r} (needs phi, b, alpha)")
+    if tuple(params[key].shape) != shape:
+      raise ValueError(f"{name}: params[{key!r}] has shape {tuple(params[key].shape)}, "
+                       f"expected {shape} for n={n}, C={c}")
+
+
+def mhc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, sinkhorn_iters: int = 20,
+                 sinkhorn_eps: float = 0.0, norm_eps: float = 1e-6, pre_eps: float = 0.0,
+                 sinkhorn_backward: str = "recompute"):
+  """mHC mappings from streams `x [..., n, C]` and packed `{phi, b, alpha}` (DESIGN.md)."""
+  n = x.shape[-2]
+  _check_packed("mhc_mappings", x, params, mhc_width(n))
+  b = params["b"].astype(jnp.float32)
+  alpha = params["alpha"].astype(jnp.float32)
+  logits = projected_logits(x, params["phi"], norm_eps)
+  h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
+  res = alpha[2] * logits[..., 2 * n:] + b[2 * n:]
+  h_res = sinkhorn(res.reshape(*res.shape[:-1], n, n), iters=sinkhorn_iters, eps=sinkhorn_eps,
+                   backward=sinkhorn_backward)
+  return h_pre, h_post, h_res
+
+
+def mhc_lite_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, norm_eps: float = 1e-6,
+                      pre_eps: float = 0.0):
+  """mHC-lite: `H_res` is a convex combination of the n! permutation matrices (exact)."""
+  n = x.shape[-2]
+  _check_packed("mhc_lite_mappings", x, params, mhc_lite_width(n))
+  b = params["b"].astype(jnp.float32)
+  alpha = params["alpha"].astype(jnp.float32)
+  logits = projected_logits(x, params["phi"], norm_eps)
+  h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
+  weights = jax.nn.softmax(alpha[2] * logits[..., 2 * n:] + b[2 * n:], axis=-1)
+  h_res = jnp.einsum("...k,kij->...ij", weights, jnp.asarray(permutation_matrices(n)),
+                     precision=_HIGHEST)
+  return h_pre, h_post, h_res
+
+
+_HC_KEYS = ("theta_pre", "theta_post", "theta_res", "b_pre", "b_post", "b_res", "alpha")
+
+
+def hc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, norm_eps: float = 1e-6):
+  """HC (dynamic, tanh) mappings, mHC paper Eq. 5. Static HC: theta = 0."""
+  n, c = x.shape[-2:]
+  want = {"theta_pre": (c,), "theta_post": (c,), "theta_res": (n, c), "b_pre": (n,),
+          "b_post": (n,), "b_res": (n, n), "alpha": (3,)}
+  for key, shape in want.items():
+    if key not in params:
+      raise ValueError(f"hc_mappings: params is missing {key!r} (needs {', '.join(_HC_KEYS)})")
+    if tuple(params[key].shape) != shape:
+      raise ValueError(f"hc_mappings: params[{key!r}] has shape {tuple(params[key].shape)}, "
+                       f"expected {shape} for n={n}, C={c}")
+  f32 = jnp.float32
+  xf = x.astype(f32)
+  theta = jnp.concatenate([params["theta_pre"][None], params["theta_post"][None],
+                           params["theta_res"]], axis=0).astype(f32)          # [n+2, C]
+  proj = jnp.einsum("...jc,kc->...jk", xf, theta, precision=_HIGHEST,
+                    preferred_element_type=f32)                                # [..., n, n+2]
+  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + norm_eps)
+  t = jnp.tanh(proj * inv_rms)
+  alpha = params["alpha"].astype(f32)
+  h_pre = alpha[0] * t[..., 0] + params["b_pre"].astype(f32)
+  h_post = alpha[1] * t[..., 1] + params["b_post"].astype(f32)
+  # t[..., j, 2 + i] = tanh(theta_res[i] . x~_j): swap to [i, j].
+  h_res = alpha[2] * jnp.swapaxes(t[..., 2:], -1, -2) + params["b_res"].astype(f32)
+  return h_pre, h_post, h_res
