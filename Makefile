@@ -3,7 +3,6 @@ SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 EXTRAS ?= dev,notebooks
-export JAX_PLATFORMS ?= cpu
 export PYTHONHASHSEED ?= 0
 
 .PHONY: venv train test test-fast bench clean
@@ -22,12 +21,12 @@ train: venv
 	$(VENV)/bin/mhc-jax train --preset default $(ARGS)
 
 test: venv
-	@$(PY) -m pytest -n 2 --dist loadgroup --timeout 1500 $(PYTEST_ARGS); rc=$$?; \
+	@JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadgroup --timeout 1500 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): the test setup is broken" >&2; exit 5; fi; \
 	  exit $$rc
 
 test-fast: venv
-	$(PY) -m pytest -n 2 -m "not slow and not notebook and not multiprocess and not torch" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 -m "not slow and not notebook and not multiprocess and not torch" $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/mhc-jax bench kernels $(ARGS)

@@ -1,0 +1,69 @@
+"""Causal multi-head attention with RoPE (`jax.nn.dot_product_attention`) and an optional KV cache."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def rope(x_BTHD, positions_BT, theta: float):
+  """Rotary embedding (rotate-half form) on the last axis: pairs (i, i + D/2) rotate by pos * theta^(-2i/D)."""
+  d = x_BTHD.shape[-1]
+  freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  ang = positions_BT.astype(jnp.float32)[..., None, None] * freq            # [B, T, 1, D/2]
+  sin, cos = jnp.sin(ang), jnp.cos(ang)
+  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTHD.dtype)
+
+
+class Attention(nn.Module):
+  n_heads: int
+  head_dim: int
+  max_len: int
+  rope_theta: float = 10000.0
+  init_std: float = 0.02
+  out_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTC):
+    b, t, c = x_BTC.shape
+    h, d = self.n_heads, self.head_dim
+    dense = lambda name, axes: nn.DenseGeneral(   # noqa: E731
+        (h, d), axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes))
+    q = dense("query", ("embed", "heads", "kv"))(x_BTC)
+    k = dense("key", ("embed", "heads", "kv"))(x_BTC)
+    v = dense("value", ("embed", "heads", "kv"))(x_BTC)
+    q, k, v = (nn.with_logical_constraint(a, ("batch", "length", "heads", "kv")) for a in (q, k, v))
+
+    if self.decode:
+      out = self._decode(q, k, v)
+    else:
+      pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+      q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return nn.DenseGeneral(
+        c, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="out",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.out_std),
+                                                 ("heads", "kv", "embed")))(out)
+
+  def _decode(self, q, k, v):
+    """Write k, v at the cache index and attend over positions <= the query's."""
+    b, t, h, d = q.shape
+    initialized = self.has_variable("cache", "cached_key")
+    ck = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, h, d), k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, h, d), v.dtype)
+    idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    start = idx.value
+    pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+    if not initialized:   # init call: shapes only
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, start, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
+    idx.value = start + t
+    mask = jnp.arange(self.max_len)[None, :] <= (start + jnp.arange(t))[:, None]   # [T, S]
+    return jax.nn.dot_product_attention(q, ck.value, cv.value, mask=mask[None, None])
