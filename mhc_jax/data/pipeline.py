@@ -1,0 +1,91 @@
+"""Grain pipeline: documents -> tokens + EOS -> concatenate-and-split packing -> batches.
+
+Train (infinite): shard documents by process (`docs[p::P]`, disjoint), shuffle them with `seed`
+(a fresh order each epoch), tokenize, append EOS, concatenate and split into windows of
+`seq_len + 1` tokens, shuffle windows within a window of `SHUFFLE_WINDOW`, batch `B_local =
+batch_size // P`, then `inputs = w[:, :-1]`, `targets = w[:, 1:]`. The iterator's
+`get_state()/set_state()` resume it exactly (Orbax: `grain.checkpoint.CheckpointSave/Restore`).
+
+Eval: the validation split in stored order (no shuffling), same sharding and packing, first
+`num_batches` batches; a short split wraps around.
+"""
+from __future__ import annotations
+
+import grain
+import grain.experimental as gex
+import numpy as np
+
+from mhc_jax.config import ConfigError, fail
+from mhc_jax.data.sources import open_split, text_key
+from mhc_jax.data.tokenizer import Tokenizer, make_tokenizer
+
+SHUFFLE_WINDOW = 512      # packed sequences shuffled together (train only)
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+
+
+def _local_batch(cfg, process_index: int, process_count: int) -> int:
+  if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
+    raise ConfigError(f"process_count={process_count!r} is not allowed: an integer >= 1")
+  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index!r} is not allowed: 0 <= index < "
+                      f"process_count={process_count}")
+  if cfg.batch_size % process_count:
+    fail("data.batch_size", cfg.batch_size,
+         f"a multiple of the process count ({process_count}), split evenly over processes")
+  return cfg.batch_size // process_count
+
+
+def _encoder(tok: Tokenizer, key: str):
+  def encode(example):
+    text = example[key]
+    ids = tok.encode(text if isinstance(text, (str, bytes)) else str(text))
+    return {"tokens": np.append(ids, np.int32(tok.eos_id)).astype(np.int32)}
+  return encode
+
+
+def _documents(cfg, split: str, tok: Tokenizer, process_index: int, process_count: int):
+  """This process's shard of `split` as a MapDataset of token arrays (EOS-terminated)."""
+  docs = grain.MapDataset.source(open_split(cfg, split))
+  n_docs = len(docs)
+  docs = docs[process_index::process_count]
+  encode = _encoder(tok, text_key(cfg))
+  need, have = cfg.seq_len + 1, 0
+  for i in range(len(docs)):  # stops as soon as one window fits; reads everything only if tiny
+    have += len(encode(docs[i])["tokens"])
+    if have >= need:
+      break
+  if have < need:
+    where = f" in process {process_index}'s shard of {process_count}" if process_count > 1 else ""
+    fail("data.seq_len", cfg.seq_len,
+         f"at most {have - 1}: the {split} split has {have} tokens{where} "
+         f"({n_docs} examples), fewer than seq_len + 1")
+  return docs.map(encode)
+
+
+def _pack_and_batch(docs_iter, cfg, b_local: int, shuffle_seed: int | None):
+  packed = gex.ConcatThenSplitIterDataset(docs_iter, length_struct={"tokens": cfg.seq_len + 1})
+  packed = packed.map(lambda ex: ex["tokens"])
+  if shuffle_seed is not None:
+    packed = gex.WindowShuffleIterDataset(packed, window_size=SHUFFLE_WINDOW, seed=shuffle_seed)
+  batched = packed.batch(b_local, drop_remainder=True)
+  return batched.map(lambda w: {"inputs": np.ascontiguousarray(w[:, :-1]),
+                                "targets": np.ascontiguousarray(w[:, 1:])})
+
+
+def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
+  """Infinite, seeded iterator of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len]."""
+  b_local = _local_batch(cfg, process_index, process_count)
+  docs = _documents(cfg, "train", make_tokenizer(cfg), process_index, process_count)
+  docs = docs.shuffle(seed=cfg.seed).repeat().to_iter_dataset(_READ)
+  return iter(_pack_and_batch(docs, cfg, b_local, shuffle_seed=cfg.seed + 1))
+
+
+def make_eval_batches(cfg, num_batches: int, *, process_index: int = 0,
+                      process_count: int = 1) -> list[dict]:
+  """`num_batches` deterministic validation batches (same for any seed) for this process."""
+  if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+    raise ConfigError(f"num_batches={num_batches!r} is not allowed: an integer >= 1")
+  b_local = _local_batch(cfg, process_index, process_count)
+  docs = _documents(cfg, "validation", make_tokenizer(cfg), process_index, process_count)
+  it = iter(_pack_and_batch(docs.repeat().to_iter_dataset(_READ), cfg, b_local, None))
+  return [next(it) for _ in range(num_batches)]
