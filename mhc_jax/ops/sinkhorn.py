@@ -5,11 +5,14 @@ Orientation: the output `A` is applied as `x_next = A @ x` (DESIGN.md). One iter
 
     M0 = exp(L - max L);  M_t = T_r(T_c(M_{t-1}));  A = M_iters
 
-We start from a column softmax (`exp` then `T_c`, max-subtracted per column), which is the same
-math with better range. With `eps > 0` every denominator gets `+eps` and the softmax gets `+eps`:
-this is DeepSeek-V4's kernel (`hc_split_sinkhorn`) in our orientation, `A = comb^T`.
-With `eps = 0` the denominators get the smallest normal float32 instead, a no-op for any normal
-sum that keeps fully underflowed rows finite (logits of +-1e4 never give NaN).
+Two exact realisations of that math:
+- `eps = 0` (the paper): the iterations run in the log domain, `f -= logsumexp(f, cols)`,
+  `f -= logsumexp(f, rows)`, `A = exp(f)`. Identical to Eq. 9 in exact arithmetic, and every
+  iterate stays finite for any finite logits (+-1e4 included), forward and backward: no row can
+  underflow to all zeros and divide 0/0.
+- `eps > 0` (DeepSeek-V4's kernel `hc_split_sinkhorn`, in our orientation `A = comb^T`): a
+  max-subtracted column softmax plus `eps`, then `+eps` in every row/column denominator. The eps
+  floor keeps every entry >= eps, so this path is finite too.
 """
 from __future__ import annotations
 
@@ -18,16 +21,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_TINY = float(jnp.finfo(jnp.float32).tiny)
-
 
 def _sinkhorn_unrolled(logits: jax.Array, iters: int, eps: float) -> jax.Array:
-  d = eps if eps > 0 else _TINY
-  m = jax.nn.softmax(logits.astype(jnp.float32), axis=-2) + eps   # exp, then T_c
-  m = m / (jnp.sum(m, axis=-1, keepdims=True) + d)                # T_r
+  f = logits.astype(jnp.float32)
+  if eps == 0:
+    for _ in range(iters):
+      f = f - jax.nn.logsumexp(f, axis=-2, keepdims=True)         # T_c
+      f = f - jax.nn.logsumexp(f, axis=-1, keepdims=True)         # T_r (rows exact)
+    return jnp.exp(f)
+  m = jax.nn.softmax(f, axis=-2) + eps                            # exp, then T_c
+  m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)              # T_r
   for _ in range(iters - 1):
-    m = m / (jnp.sum(m, axis=-2, keepdims=True) + d)              # T_c
-    m = m / (jnp.sum(m, axis=-1, keepdims=True) + d)              # T_r (rows exact)
+    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)            # T_c
+    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)            # T_r (rows exact)
   return m
 
 
