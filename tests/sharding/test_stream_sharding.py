@@ -112,7 +112,8 @@ def test_gspmd_path_is_automatic(stream):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-6)
   if stream == "feature":
     hlo = fn.lower(xs, params).compile().as_text()
-    assert "all-reduce" in hlo or "reduce-scatter" in hlo
+    # XLA either reduces partial projections or gathers the features first: a collective either way.
+    assert any(op in hlo for op in ("all-reduce", "reduce-scatter", "all-gather"))
 
 
 @pytest.mark.parametrize("stream", ["replicated", "feature", "sequence"])
