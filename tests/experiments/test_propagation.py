@@ -94,3 +94,21 @@ def test_mean_std_matches_numpy():
   assert m == pytest.approx(np.mean(v))
   assert s == pytest.approx(np.std(v, ddof=1))
   assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_birkhoff_decomposition_reconstructs_mhc_lite_matrix():
+  from mhc_jax.analysis import birkhoff_decompose, recompose
+  from mhc_jax.ops.mappings import permutation_matrices
+  rng = np.random.default_rng(4)
+  w = rng.dirichlet(np.ones(24) * 0.3)
+  a = np.einsum("k,kij->ij", w, permutation_matrices(4).astype(np.float64))
+  weights, idx, residual = birkhoff_decompose(a)
+  assert np.max(np.abs(residual)) < 1e-9
+  assert len(weights) <= 10 and np.all(weights > 0)
+  np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-9)
+  np.testing.assert_allclose(recompose(weights, idx, 4), a, atol=1e-9)
+  # A permutation matrix decomposes into itself.
+  weights, idx, _ = birkhoff_decompose(permutation_matrices(4)[7])
+  assert list(idx) == [7] and weights[0] == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="n <= 6"):
+    birkhoff_decompose(np.eye(7))
