@@ -72,12 +72,42 @@ def _pack_and_batch(docs_iter, cfg, b_local: int, shuffle_seed: int | None):
                                 "targets": np.ascontiguousarray(w[:, 1:])})
 
 
+class _Iterator(grain.DatasetIterator):
+  """The pipeline's iterator, with a `set_state` that accepts a JSON round trip of `get_state()`.
+
+  `grain.checkpoint.CheckpointSave` writes the state as JSON, which turns the packer's
+  `remainder_slices` tuples into lists; grain 0.2.18's `ConcatThenSplit` compares them with the tuple
+  `(-1, -1)` and would then resume from a phantom remainder. Lists of two ints become tuples here.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(_slices_as_tuples(state))
+
+
+def _slices_as_tuples(state):
+  if not isinstance(state, dict):
+    return state
+  out = {k: _slices_as_tuples(v) for k, v in state.items()}
+  if isinstance(out.get("remainder_slices"), dict):
+    out["remainder_slices"] = {f: tuple(sl) for f, sl in out["remainder_slices"].items()}
+  return out
+
+
 def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
   """Infinite, seeded iterator of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len]."""
   b_local = _local_batch(cfg, process_index, process_count)
   docs = _documents(cfg, "train", make_tokenizer(cfg), process_index, process_count)
   docs = docs.shuffle(seed=cfg.seed).repeat().to_iter_dataset(_READ)
-  return iter(_pack_and_batch(docs, cfg, b_local, shuffle_seed=cfg.seed + 1))
+  return _Iterator(iter(_pack_and_batch(docs, cfg, b_local, shuffle_seed=cfg.seed + 1)))
 
 
 def make_eval_batches(cfg, num_batches: int, *, process_index: int = 0,
