@@ -1,0 +1,202 @@
+"""`mhc-jax` command line (also `python -m mhc_jax`).
+
+    mhc-jax train [--preset default] [--set model.connection.n_streams=4 ...] [--run-dir D]
+                  [--resume | --force] [--no-progress]
+    mhc-jax eval --run-dir D [--step N] [--split validation|train] [--batches K]
+    mhc-jax sample --run-dir D [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
+    mhc-jax plot RUN_DIR [RUN_DIR ...] [--out plot.png]
+    mhc-jax show-config [--preset P] [--set ...]
+    mhc-jax bench kernels ...          (mhc_jax.kernels.bench)
+    mhc-jax compare-sharding ...       (mhc_jax.sharding_compare)
+
+Bad input (unknown preset/key, wrong type, missing data, refused run directory, ...) prints one line
+`error: ...` and exits with status 2; a diverged run exits 3; a run stopped by SIGTERM/SIGINT saves a
+checkpoint and exits 128 + signal number.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+from mhc_jax.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mhc-jax", description="Hyper-Connections / mHC in JAX")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  def config_args(sp):
+    sp.add_argument("--preset", default=None, help="named config (default, smoke, tiny)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field, e.g. model.connection.n_streams=4 (repeatable)")
+
+  t = sub.add_parser("train", help="train a model")
+  config_args(t)
+  t.add_argument("--run-dir", default=None, help="default: runs/<preset>-<date>-<time>")
+  t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+  t.add_argument("--force", action="store_true", help="delete the run in --run-dir and start over")
+  t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+  e.add_argument("--run-dir", required=True)
+  e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  e.add_argument("--split", default="validation", choices=("validation", "train"))
+  e.add_argument("--batches", type=int, default=None, help="default: train.eval_batches")
+
+  s = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
+  s.add_argument("--run-dir", required=True)
+  s.add_argument("--step", type=int, default=None)
+  s.add_argument("--prompt", default="def ")
+  s.add_argument("--tokens", type=int, default=200)
+  s.add_argument("--temperature", type=float, default=0.8)
+  s.add_argument("--top-k", type=int, default=40)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--num", type=int, default=1, help="number of samples")
+
+  pl = sub.add_parser("plot", help="plot loss and gain curves of runs to PNG")
+  pl.add_argument("run_dirs", nargs="+")
+  pl.add_argument("--out", default="plot.png")
+
+  c = sub.add_parser("show-config", help="print the resolved config as JSON")
+  config_args(c)
+
+  b = sub.add_parser("bench", help="benchmarks: `bench kernels ...`")
+  b.add_argument("what", choices=("kernels",))
+  b.add_argument("rest", nargs=argparse.REMAINDER)
+  cs = sub.add_parser("compare-sharding", help="compare sharding strategies (memory, comms)")
+  cs.add_argument("rest", nargs=argparse.REMAINDER)
+  return p
+
+
+def _delegate(module: str, argv: list[str], what: str) -> int:
+  try:
+    mod = importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and module.startswith(e.name):
+      raise ConfigError(f"{what} is not available: module {module} is not installed in this checkout")
+    raise
+  return int(mod.main(argv) or 0)
+
+
+def resolve_config(preset: str | None, overrides: list[str], run_dir: str | None = None,
+                   resume: bool = False):
+  """Preset (or, for `--resume` without a preset, the run directory's config) + overrides."""
+  from mhc_jax.configs import get_preset
+  from mhc_jax.train import run_dir as rd
+  from mhc_jax.train.config import apply_overrides
+  if preset is None and resume and run_dir:
+    base = rd.read_config(run_dir)
+  else:
+    base = get_preset(preset or "default")
+  return apply_overrides(base, overrides)
+
+
+def cmd_train(args) -> int:
+  from mhc_jax.train.loop import Interrupted, TrainingDiverged, train
+  cfg = resolve_config(args.preset, args.overrides, args.run_dir, args.resume)
+  run_dir = args.run_dir
+  if run_dir is None:
+    if args.resume:
+      raise ConfigError("--resume needs --run-dir (the run to continue)")
+    run_dir = os.path.join("runs", f"{args.preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}")
+  try:
+    train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+  except TrainingDiverged as e:
+    print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
+    return EXIT_DIVERGED
+  except Interrupted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    return 128 + e.signum
+  return 0
+
+
+def cmd_eval(args) -> int:
+  import jax
+  from mhc_jax.data import make_eval_batches, make_train_iterator
+  from mhc_jax.train.loop import _jit_steps, _to_device, evaluate, load_checkpoint
+  cfg, state, step, setup = load_checkpoint(args.run_dir, args.step)
+  n = args.batches or cfg.train.eval_batches
+  if n < 1:
+    raise ConfigError(f"--batches={n} is not allowed: an integer >= 1")
+  pi, pc = jax.process_index(), jax.process_count()
+  if args.split == "validation":
+    host = make_eval_batches(cfg.data, n, process_index=pi, process_count=pc)
+  else:
+    it = make_train_iterator(cfg.data, process_index=pi, process_count=pc)
+    host = [next(it) for _ in range(n)]
+  _, eval_step, _ = _jit_steps(cfg, setup)
+  with setup.context():
+    res = evaluate(eval_step, state.params, [_to_device(b, setup) for b in host],
+                   1.0 if cfg.data.tokenizer == "byte" else None)
+  print(json.dumps({"run_dir": args.run_dir, "step": step, "split": args.split, "batches": n, **res}))
+  return 0
+
+
+def cmd_sample(args) -> int:
+  from mhc_jax.data import make_tokenizer
+  from mhc_jax.sample import generate
+  from mhc_jax.train.loop import load_checkpoint
+  if args.num < 1:
+    raise ConfigError(f"--num={args.num} is not allowed: an integer >= 1")
+  if args.top_k < 0:
+    raise ConfigError(f"--top-k={args.top_k} is not allowed: an integer >= 0 (0 = no limit)")
+  cfg, state, step, _ = load_checkpoint(args.run_dir, args.step)
+  tok = make_tokenizer(cfg.data)
+  import numpy as np
+  prompt = np.tile(tok.encode(args.prompt)[None], (args.num, 1))
+  out = generate(cfg.model, state.params, prompt, max_new_tokens=args.tokens,
+                 temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+  for row in out:
+    print(args.prompt + tok.decode(row))
+    if args.num > 1:
+      print("-" * 60)
+  return 0
+
+
+def cmd_plot(args) -> int:
+  from mhc_jax.plot import plot_runs
+  print(plot_runs(args.run_dirs, args.out))
+  return 0
+
+
+def cmd_show_config(args) -> int:
+  from mhc_jax.train.config import to_json
+  print(to_json(resolve_config(args.preset, args.overrides)))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "train":
+      return cmd_train(args)
+    if args.command == "eval":
+      return cmd_eval(args)
+    if args.command == "sample":
+      return cmd_sample(args)
+    if args.command == "plot":
+      return cmd_plot(args)
+    if args.command == "show-config":
+      return cmd_show_config(args)
+    if args.command == "bench":
+      return _delegate("mhc_jax.kernels.bench", args.rest, "bench kernels")
+    if args.command == "compare-sharding":
+      return _delegate("mhc_jax.sharding_compare", args.rest, "compare-sharding")
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,58 @@
+"""`mhc-jax plot RUN_DIR [RUN_DIR ...] --out plot.png`: loss and Amax-gain curves of one or more runs.
+
+Panels: train loss (and eval loss, dashed) vs step; composite Amax gain over depth (forward and
+backward, max over validation tokens) vs step, log scale; gradient norm vs step.
+"""
+from __future__ import annotations
+
+import os
+
+from mhc_jax.config import ConfigError
+from mhc_jax.train.metrics import read_jsonl
+
+
+def _series(records, kind, key):
+  pts = [(r["step"], r[key]) for r in records
+         if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> str:
+  """Draw the runs' curves into `out` (PNG); returns its path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  runs = []
+  for d in run_dirs:
+    path = os.path.join(d, "metrics.jsonl") if os.path.isdir(d) else d
+    if not os.path.isfile(path):
+      raise ConfigError(f"plot: {d!r} is not allowed: no metrics.jsonl there (not a run directory)")
+    runs.append(read_jsonl(path))
+  labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for rec, label in zip(runs, labels):
+    x, y = _series(rec, "train", "loss")
+    line, = axes[0].plot(x, y, label=f"{label} train", lw=1.2)
+    x, y = _series(rec, "eval", "loss")
+    if x:
+      axes[0].plot(x, y, "--o", ms=3, color=line.get_color(), label=f"{label} eval")
+    for key, style in (("gain/composite_fwd_max", "-"), ("gain/composite_bwd_max", ":")):
+      x, y = _series(rec, "diag", key)
+      if x:
+        axes[1].plot(x, y, style, marker=".", color=line.get_color(),
+                     label=f"{label} {'fwd' if 'fwd' in key else 'bwd'}")
+    x, y = _series(rec, "train", "grad_norm")
+    axes[2].plot(x, y, color=line.get_color(), lw=1, label=label)
+  axes[0].set(title="loss (nats/token)", xlabel="step")
+  axes[1].set(title="composite Amax gain over depth (max over tokens)", xlabel="step", yscale="log")
+  axes[2].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out

@@ -1,0 +1,340 @@
+"""The training loop: data -> jitted step (donated, sharded state) -> metrics, eval, diagnostics,
+checkpoints; SIGTERM/SIGINT save and exit; a non-finite loss stops the run without saving that state.
+
+Metrics of step t are fetched after step t+1 is dispatched (so the host never stalls the device), and
+always before a checkpoint of step t is written: a checkpoint is only ever of a state whose loss was
+finite.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mhc_jax import sharding as shd
+from mhc_jax.checkpoint import Checkpointer
+from mhc_jax.config import ConfigError
+from mhc_jax.train import run_dir as rd
+from mhc_jax.train.config import RunConfig, diff, to_dict
+from mhc_jax.train.metrics import MetricsWriter, truncate_after
+from mhc_jax.train.state import (MeshSetup, TrainState, abstract_target, create_state, make_setup,
+                                 n_params)
+from mhc_jax.train.step import (LN2, make_diagnostics, make_eval_step, make_train_step,
+                                summarize_diagnostics)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/Inf; the run stopped and the bad state was not checkpointed."""
+
+
+class Interrupted(Exception):
+  """SIGTERM / SIGINT arrived; a checkpoint of the last good step was saved."""
+
+  def __init__(self, signum: int, step: int, run_dir: str):
+    self.signum, self.step, self.run_dir = signum, step, run_dir
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved. "
+                     f"Resume with: mhc-jax train --run-dir {run_dir} --resume")
+
+
+def _say(msg: str):
+  if shd.is_main_process():
+    print(msg, flush=True)
+
+
+class _Signals:
+  """Turn SIGTERM/SIGINT into a flag the loop checks after each step (the main thread only)."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    if hasattr(signal, "SIGTERM"):
+      for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+          self._old[s] = signal.signal(s, self._handle)
+        except ValueError:      # not the main thread: leave signals alone
+          pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt   # a second Ctrl-C: give up on saving
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def open_data(cfg: RunConfig):
+  """Tokenizer, train iterator and eval batches; raises ConfigError for bad data (before any write)."""
+  from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
+  tok = make_tokenizer(cfg.data)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not allowed: the tokenizer has "
+                      f"{tok.vocab_size} ids")
+  pi, pc = jax.process_index(), jax.process_count()
+  it = make_train_iterator(cfg.data, process_index=pi, process_count=pc)
+  evals = make_eval_batches(cfg.data, cfg.train.eval_batches, process_index=pi, process_count=pc)
+  return tok, it, evals
+
+
+def _to_device(batch: dict, setup: MeshSetup) -> dict:
+  return {k: shd.global_batch_array(np.asarray(v, np.int32), setup.mesh, setup.mesh_cfg)
+          for k, v in batch.items() if k in ("inputs", "targets")}
+
+
+def _jit_steps(cfg: RunConfig, setup: MeshSetup):
+  batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
+  train_step = jax.jit(make_train_step(cfg), in_shardings=(setup.state_shardings, batch_sh),
+                       out_shardings=(setup.state_shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(cfg), in_shardings=(setup.state_shardings.params, batch_sh))
+  diag = make_diagnostics(cfg)
+  diag = jax.jit(diag, in_shardings=(setup.state_shardings.params, batch_sh)) if diag else None
+  return train_step, eval_step, diag
+
+
+def evaluate(eval_step, params, batches: list[dict], bytes_per_token: float | None) -> dict:
+  tot, n = 0.0, 0.0
+  for b in batches:
+    out = eval_step(params, b)
+    tot += float(out["loss_sum"])
+    n += float(out["tokens"])
+  loss = tot / max(n, 1.0)
+  res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n}
+  if bytes_per_token:
+    res["bits_per_byte"] = loss / LN2 / bytes_per_token
+  return res
+
+
+def _meta(cfg: RunConfig) -> dict:
+  return {"config": to_dict(cfg), "jax": jax.__version__}
+
+
+def _host(metrics: dict) -> dict:
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    out[k] = float(v) if v.ndim == 0 else [float(x) for x in v]
+  return out
+
+
+def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = False,
+          progress: bool = True, final_outputs: bool = True, devices=None) -> dict[str, Any]:
+  """Train `cfg` in `run_dir`; returns a summary dict. Raises ConfigError (bad input, nothing
+  written), TrainingDiverged (NaN/Inf loss) or Interrupted (signal; checkpoint saved)."""
+  run_dir = os.path.abspath(run_dir)
+  # 1. Validate everything that can be validated without writing.
+  mode = rd.check_run_dir(run_dir, cfg, resume=resume, force=force)
+  setup = make_setup(cfg, devices)
+  tokenizer, data_iter, eval_host = open_data(cfg)
+  bytes_per_token = 1.0 if cfg.data.tokenizer == "byte" else None
+
+  # 2. Now the run directory.
+  main = shd.is_main_process()
+  if main:
+    if mode == "force":
+      rd.clear(run_dir)
+    if mode == "resume":
+      changed = diff(rd.read_config(run_dir), cfg)
+      if changed:
+        _say(f"resume: config changes {', '.join(changed)}")
+    rd.write_config(run_dir, cfg)
+  ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep)
+  train_step, eval_step, diag_fn = _jit_steps(cfg, setup)
+
+  # 3. State: restore the newest good checkpoint, or create it born sharded.
+  state, start = None, 0
+  if mode == "resume":
+    target = abstract_target(setup, cfg)
+    got = ckpt.restore_latest(target, data_iter)
+    if got is None:
+      raise ConfigError(f"--resume is not allowed: no usable checkpoint in {ckpt.directory}")
+    state, _, start = got
+    # Orbax-restored buffers may not be donatable: re-materialise them through an identity jit.
+    state = jax.jit(lambda s: s, out_shardings=setup.state_shardings)(state)
+    if main:
+      truncate_after(os.path.join(run_dir, rd.METRICS), start)
+    _say(f"resumed from step {start} ({ckpt.directory}/{start})")
+  if state is None:
+    state = create_state(cfg, setup)
+  if start >= cfg.train.steps:
+    _say(f"nothing to do: the run is already at step {start} >= train.steps={cfg.train.steps}")
+
+  writer = MetricsWriter(run_dir, enabled=main)
+  eval_batches = [_to_device(b, setup) for b in eval_host]
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  t = cfg.train
+  if main and start == 0:
+    _say(f"run dir: {run_dir}\nmodel: {cfg.model.connection.kind} n={cfg.model.connection.n_streams}, "
+         f"{n_params(state.params) / 1e6:.2f}M params; data: {cfg.data.source}, "
+         f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens/step; mesh {dict(setup.mesh.shape)} "
+         f"({cfg.mesh.strategy}); {t.steps} steps")
+
+  bar = None
+  if progress and main:
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               file=sys.stderr)
+
+  pending: list[tuple[int, Any]] = []
+  window: list[dict] = []
+  window_t0 = time.perf_counter()
+  last_eval: dict = {}
+  last_saved = ckpt.latest_step()
+
+  def drain(upto: int):
+    """Fetch metrics of steps <= upto; check them; write train records at log steps."""
+    nonlocal window_t0
+    while pending and pending[0][0] <= upto:
+      s, m = pending.pop(0)
+      m = _host(m)
+      if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+        raise TrainingDiverged(
+            f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {s}; stopped without "
+            f"checkpointing this state (last checkpoint: "
+            f"{'none' if last_saved is None else 'step ' + str(last_saved)})")
+      window.append(m)
+      if s % t.log_every == 0 or s == t.steps:
+        dt = time.perf_counter() - window_t0
+        rec = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "z_loss", "grad_norm")}
+        rec.update(lr=m["lr"], param_norm=m["param_norm"], grad_norm_layers=m["grad_norm_layers"],
+                   perplexity=math.exp(min(rec["loss"], 700.0)),
+                   step_time_s=dt / len(window), tokens_per_s=tokens_per_step * len(window) / dt)
+        if bytes_per_token:
+          rec["bits_per_byte"] = rec["loss"] / LN2 / bytes_per_token
+        writer.write(s, "train", rec)
+        if bar is not None:
+          bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        window.clear()
+        window_t0 = time.perf_counter()
+
+  def run_eval(step: int):
+    nonlocal last_eval
+    last_eval = evaluate(eval_step, state.params, eval_batches, bytes_per_token)
+    writer.write(step, "eval", last_eval)
+    if diag_fn is not None:
+      d = _host(diag_fn(state.params, eval_batches[0]))
+      rec = summarize_diagnostics(d)
+      rec.update({f"{k}/sites": v for k, v in d.items()})
+      writer.write(step, "diag", rec)
+    msg = f"step {step}: eval loss {last_eval['loss']:.4f}"
+    if "bits_per_byte" in last_eval:
+      msg += f", {last_eval['bits_per_byte']:.3f} bits/byte"
+    (bar.write if bar is not None else _say)(msg)
+
+  def save(step: int, wait: bool = False):
+    nonlocal last_saved
+    ckpt.save(step, state, data_iter, _meta(cfg), wait=wait)
+    last_saved = step
+
+  step = start
+  try:
+    with _Signals() as sig, setup.context():
+      if start == 0 and t.eval_every:
+        run_eval(0)
+      while step < t.steps:
+        batch = _to_device(next(data_iter), setup)
+        state, m = train_step(state, batch)
+        step += 1
+        pending.append((step, m))
+        drain(step - 1)
+        if bar is not None:
+          bar.update(1)
+        stop = sig.received is not None
+        due_ckpt = t.checkpoint_every and step % t.checkpoint_every == 0
+        if stop or due_ckpt or step == t.steps or (t.eval_every and step % t.eval_every == 0):
+          drain(step)
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+          run_eval(step)
+        if stop:
+          save(step, wait=True)
+          raise Interrupted(sig.received, step, run_dir)
+        if due_ckpt:
+          save(step)
+      drain(step)
+    if start < t.steps or not last_eval:
+      run_eval(step)
+    if last_saved != step:
+      save(step)
+    ckpt.wait()
+  finally:
+    if bar is not None:
+      bar.close()
+    try:
+      ckpt.close()
+    finally:
+      writer.close()
+
+  summary = {"run_dir": run_dir, "step": step, "eval": last_eval}
+  if main and final_outputs:
+    summary.update(finish(cfg, run_dir, state.params, tokenizer, last_eval, step))
+  return summary
+
+
+def finish(cfg: RunConfig, run_dir: str, params, tokenizer, last_eval: dict, step: int) -> dict:
+  """Write eval.json, sample.txt and plot.png; print where they are."""
+  from mhc_jax.plot import plot_runs
+  from mhc_jax.sample import sample_text
+  t = cfg.train
+  out = {}
+  eval_path = os.path.join(run_dir, "eval.json")
+  with open(eval_path, "w", encoding="utf-8") as f:
+    json.dump({"step": step, **last_eval}, f, indent=2)
+  out["eval_path"] = eval_path
+  if t.sample_tokens:
+    n_prompt = len(tokenizer.encode(t.sample_prompt))
+    n_new = min(t.sample_tokens, cfg.model.max_seq_len - n_prompt)
+    if n_new >= 1:
+      text = sample_text(cfg.model, params, tokenizer, t.sample_prompt, max_new_tokens=n_new,
+                         temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed)
+      path = os.path.join(run_dir, "sample.txt")
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+      out["sample_path"], out["sample"] = path, text
+  out["plot_path"] = plot_runs([run_dir], os.path.join(run_dir, "plot.png"))
+  msg = [f"\nfinished step {step}: eval loss {last_eval.get('loss', float('nan')):.4f}"
+         + (f" ({last_eval['bits_per_byte']:.3f} bits/byte, perplexity {last_eval['perplexity']:.2f})"
+            if "bits_per_byte" in last_eval else "")]
+  if "sample" in out:
+    msg.append("sample:\n" + "-" * 60 + "\n" + out["sample"] + "\n" + "-" * 60)
+  msg.append(f"eval:        {eval_path}\nsample:      {out.get('sample_path', '(disabled)')}\n"
+             f"plot:        {out['plot_path']}\nmetrics:     {os.path.join(run_dir, rd.METRICS)}"
+             f"\ntensorboard: tensorboard --logdir {os.path.join(run_dir, 'tb')}\n"
+             f"checkpoints: {os.path.join(run_dir, rd.CHECKPOINTS)}")
+  _say("\n".join(msg))
+  return out
+
+
+def load_checkpoint(run_dir: str, step: int | None = None, devices=None):
+  """`(cfg, state, step)` from a run directory's checkpoint (newest good one by default)."""
+  cfg = rd.read_config(run_dir)
+  setup = make_setup(cfg, devices)
+  ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep)
+  try:
+    target = abstract_target(setup, cfg)
+    if step is None:
+      got = ckpt.restore_latest(target)
+      if got is None:
+        raise ConfigError(f"--run-dir {run_dir!r} is not allowed: it holds no usable checkpoint")
+      state, _, step = got
+    else:
+      if step not in ckpt.steps():
+        raise ConfigError(f"--step={step} is not allowed: choose one of {ckpt.steps()}")
+      state, _ = ckpt.restore(step, target)
+  finally:
+    ckpt.close()
+  return cfg, state, step, setup
+
+
+__all__ = ["train", "evaluate", "load_checkpoint", "open_data", "TrainingDiverged", "Interrupted",
+           "TrainState", "jnp"]
