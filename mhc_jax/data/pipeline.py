@@ -1,7 +1,7 @@
 """Grain pipeline: documents -> tokens + EOS -> concatenate-and-split packing -> batches.
 
 Train (infinite): shard documents by process (`docs[p::P]`, disjoint), shuffle them with `seed`
-(a fresh order each epoch), tokenize, append EOS, concatenate and split into windows of
+(a fresh permutation each epoch), tokenize, append EOS, concatenate and split into windows of
 `seq_len + 1` tokens, shuffle windows within a window of `SHUFFLE_WINDOW`, batch `B_local =
 batch_size // P`, then `inputs = w[:, :-1]`, `targets = w[:, 1:]`. The iterator's
 `get_state()/set_state()` resume it exactly (Orbax: `grain.checkpoint.CheckpointSave/Restore`).
@@ -10,6 +10,8 @@ Eval: the validation split in stored order (no shuffling), same sharding and pac
 `num_batches` batches; a short split wraps around.
 """
 from __future__ import annotations
+
+import sys
 
 import grain
 import grain.experimental as gex
@@ -20,7 +22,31 @@ from mhc_jax.data.sources import open_split, text_key
 from mhc_jax.data.tokenizer import Tokenizer, make_tokenizer
 
 SHUFFLE_WINDOW = 512      # packed sequences shuffled together (train only)
-_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+# Reading and byte-tokenizing a document costs tens of microseconds: prefetch threads would only
+# contend for the CPU the train step needs, so documents are read on the consumer's thread.
+_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+class _EpochShuffled:
+  """Random-access view of `docs` repeated forever, each epoch in its own seeded permutation.
+
+  (grain's `MapDataset.shuffle` is the same idea, but its per-index shuffle costs ~10 ms per
+  element on a dataset of a few examples; here a permutation costs O(n) once per epoch.)
+  """
+
+  def __init__(self, docs, seed: int):
+    self._docs, self._seed, self._n = docs, seed, len(docs)
+    self._epoch, self._perm = -1, None
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    epoch, i = divmod(int(index), self._n)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+    return self._docs[int(self._perm[i])]
 
 
 def _local_batch(cfg, process_index: int, process_count: int) -> int:
@@ -106,7 +132,7 @@ def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
   """Infinite, seeded iterator of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len]."""
   b_local = _local_batch(cfg, process_index, process_count)
   docs = _documents(cfg, "train", make_tokenizer(cfg), process_index, process_count)
-  docs = docs.shuffle(seed=cfg.seed).repeat().to_iter_dataset(_READ)
+  docs = grain.MapDataset.source(_EpochShuffled(docs, cfg.seed)).to_iter_dataset(_READ)
   return _Iterator(iter(_pack_and_batch(docs, cfg, b_local, shuffle_seed=cfg.seed + 1)))
 
 

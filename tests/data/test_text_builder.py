@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -80,24 +81,33 @@ def test_damaged_cache_entry_is_replaced(tmp_path):
   assert not (damaged / "junk").exists()
 
 
-_RACER = """
+_WORKER = """
 import sys
-from mhc_jax.data import corpus, text_builder
-from mhc_jax.data.config import DataConfig
-cfg = DataConfig(source="files", path=sys.argv[1], data_dir=sys.argv[2])
-print(text_builder.prepare_local_text(corpus.list_corpus_files(cfg), sys.argv[2], cfg.val_fraction))
+import numpy as np
+from mhc_jax.data import DataConfig, make_train_iterator
+from mhc_jax.data import sources
+index, out = int(sys.argv[3]), sys.argv[4]
+cfg = DataConfig(source="files", path=sys.argv[1], data_dir=sys.argv[2], seq_len=64, batch_size=4)
+it = make_train_iterator(cfg, process_index=index, process_count=2)
+np.save(out, np.stack([next(it)["inputs"] for _ in range(30)]))
+print(list(sources._prepared.values())[0])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
-def test_concurrent_builds_agree(tmp_path):
-  """Two processes build the same corpus at once: both get the one complete copy, no leftovers."""
+def test_two_processes_race_the_build_and_read_disjoint_shards(tmp_path):
+  """Two real processes (process_index 0 and 1 of 2) start on an empty cache at once: both use the
+  one complete build, nothing is left over, and their batches come from disjoint files."""
+  from tests.data.test_pipeline import _file_ids
   write_corpus(tmp_path / "c", n_files=30, lines=200)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path / "c"), str(tmp_path / "cache")],
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / "c"),
+                             str(tmp_path / "cache"), str(i), str(tmp_path / f"b{i}.npy")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-           for _ in range(2)]
+                            cwd=repo)
+           for i in range(2)]
   outs = [p.communicate(timeout=120) for p in procs]
   assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
   dirs = {o[0].strip().splitlines()[-1] for o in outs}
@@ -105,6 +115,8 @@ def test_concurrent_builds_agree(tmp_path):
   (data_dir,) = dirs
   assert os.listdir(tmp_path / "cache" / "local_text") == [os.path.basename(data_dir)]
   assert len(_read(data_dir, "train")) + len(_read(data_dir, "validation")) == 30
+  ids = [_file_ids([{"inputs": b} for b in np.load(tmp_path / f"b{i}.npy")]) for i in range(2)]
+  assert ids[0] and ids[1] and not (ids[0] & ids[1])
 
 
 def test_lost_rename_race_keeps_the_winner(tmp_path, monkeypatch):
