@@ -1,0 +1,150 @@
+"""Fused mHC / mHC-lite pre kernel: one pass over the streams gives the mappings and `u`.
+
+Per token (x_flat = vec(x) in R^{nC}, DESIGN.md packed parameters):
+    proj = x_flat @ phi,  r = rsqrt(mean(x_flat^2) + norm_eps),  z = alpha * (proj * r) + b
+    (H_pre, H_post, H_res) = mapping(z)          (sigmoid, 2 sigmoid, Sinkhorn / permutation mix)
+    u = sum_j H_pre[j] x[j]
+Outputs `u [T, C]` (x dtype) and packed `H [T, W]` (float32, layout in `block.py`).
+
+Backward (`jax.custom_vjp`): a second kernel recomputes the forward from x (nothing but x and the
+parameters is saved), differentiates the mapping exactly (Sinkhorn iterates rebuilt in VMEM /
+registers, never stored in HBM), and returns dx plus the per-token `dz`, `h = proj * r` and
+`dproj`; the parameter gradients are float32 reductions over tokens done by XLA:
+    dphi = x_flat^T dproj,  db = sum_t dz,  dalpha_g = sum_t sum_{k in g} dz_k h_k.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mhc_jax.kernels import block, launch
+from mhc_jax.kernels.block import col, mapping, project, row
+
+
+def _load_streams(cfg, ref):
+  """`xs[j][q]`: chunk q of stream j, `[bt, size]`, loaded from a `[bt, nC]` block."""
+  ch = block.chunks(cfg.c, cfg.max_chunk)
+  return [[ref[:, j * cfg.c + o:j * cfg.c + o + s] for o, s in ch] for j in range(cfg.n)], ch
+
+
+def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref):
+  spec = cfg.spec
+  xs, ch = _load_streams(cfg, x_ref)
+  phis = [[phi_ref[j * cfg.c + o:j * cfg.c + o + s, :] for o, s in ch] for j in range(cfg.n)]
+  proj, ss = project([x for xj in xs for x in xj], [p for pj in phis for p in pj],
+                     cfg.bf16_passes)
+  r = jax.lax.rsqrt(ss * (1.0 / cfg.nc) + spec.norm_eps)
+  hh = proj * r
+  prm = prm_ref[...]
+  a_row, b_row = row(prm, 0), row(prm, 1)
+  z = hh * a_row + b_row
+  vecs, m0, m1 = vec_ref[...], m0_ref[...], m1_ref[...]
+  return dict(xs=xs, ch=ch, phis=phis, proj=proj, r=r, hh=hh, z=z, a_row=a_row,
+              fn=lambda z_: mapping(spec, z_, vecs, m0, m1))
+
+
+def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, u_ref, h_ref):
+  f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref)
+  h = f["fn"](f["z"])
+  h_ref[...] = h
+  hpre = [col(h, j) for j in range(cfg.n)]
+  for q, (o, s) in enumerate(f["ch"]):
+    u = hpre[0] * f["xs"][0][q].astype(jnp.float32)
+    for j in range(1, cfg.n):
+      u = u + hpre[j] * f["xs"][j][q].astype(jnp.float32)
+    u_ref[:, o:o + s] = u.astype(u_ref.dtype)
+
+
+def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, du_ref, dh_ref,
+              dx_ref, dz_ref, hh_ref, dproj_ref):
+  f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref)
+  h, vjp = jax.vjp(f["fn"], f["z"])
+  xs, ch = f["xs"], f["ch"]
+  dus = [du_ref[:, o:o + s].astype(jnp.float32) for o, s in ch]
+  lanes = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
+  dh = dh_ref[...]
+  for j in range(cfg.n):              # u = sum_j H_pre[j] x[j]  ->  dH_pre[j] += <du, x[j]>
+    g = None
+    for q in range(len(ch)):
+      t = jnp.sum(dus[q] * xs[j][q].astype(jnp.float32), axis=1, keepdims=True)
+      g = t if g is None else g + t
+    dh = dh + jnp.where(lanes == j, g, 0.0)
+  (dz,) = vjp(dh)
+  dhh = dz * f["a_row"]
+  r = f["r"]
+  dproj = dhh * r
+  dr = jnp.sum(dhh * f["proj"], axis=1, keepdims=True)
+  dss2 = dr * (-1.0 / cfg.nc) * r * r * r          # d/dx of ss is 2x; r = (ss/N + eps)^-1/2
+  for j in range(cfg.n):
+    hpre = col(h, j)
+    for q, (o, s) in enumerate(ch):
+      dx = block._dot_nt(dproj, f["phis"][j][q])
+      dx = dx + dss2 * xs[j][q].astype(jnp.float32) + hpre * dus[q]
+      dx_ref[:, j * cfg.c + o:j * cfg.c + o + s] = dx.astype(dx_ref.dtype)
+  dz_ref[...] = dz
+  hh_ref[...] = f["hh"]
+  dproj_ref[...] = dproj
+
+
+def _operands(cfg, phi, b, alpha):
+  spec = cfg.spec
+  vecs, mats = block.constants(spec)
+  return (block.pad_phi(spec, phi), block.param_rows(spec, b, alpha), jnp.asarray(vecs),
+          jnp.asarray(mats[0]), jnp.asarray(mats[1]))
+
+
+def _param_specs(cfg):
+  w = cfg.spec.lanes
+  return [launch.full_spec((cfg.nc, w)), launch.full_spec((8, w)), launch.full_spec((8, w)),
+          launch.full_spec((w, w)), launch.full_spec((w, w))]
+
+
+def _pre_fwd_call(cfg, x2d, phi, b, alpha):
+  t = x2d.shape[0]
+  w = cfg.spec.lanes
+  return launch.call(
+      cfg, functools.partial(_fwd_body, cfg), tokens=t,
+      in_specs=[launch.tokens_spec(cfg, cfg.nc)] + _param_specs(cfg),
+      out_specs=[launch.tokens_spec(cfg, cfg.c), launch.tokens_spec(cfg, w)],
+      out_shape=[jax.ShapeDtypeStruct((t, cfg.c), x2d.dtype),
+                 jax.ShapeDtypeStruct((t, w), jnp.float32)],
+  )(x2d, *_operands(cfg, phi, b, alpha))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_pre(cfg: launch.KernelCfg, x2d, phi, b, alpha):
+  """`(u [T, C], H [T, W])` from `x2d [T, nC]` and packed `phi, b, alpha` (see module doc)."""
+  u, h = _pre_fwd_call(cfg, x2d, phi, b, alpha)
+  return u, h
+
+
+def _fwd(cfg, x2d, phi, b, alpha):
+  return _pre_fwd_call(cfg, x2d, phi, b, alpha), (x2d, phi, b, alpha)
+
+
+def _bwd(cfg, res, cts):
+  x2d, phi, b, alpha = res
+  du, dh = cts
+  t = x2d.shape[0]
+  w = cfg.spec.lanes
+  f32 = jnp.float32
+  dx, dz, hh, dproj = launch.call(
+      cfg, functools.partial(_bwd_body, cfg), tokens=t,
+      in_specs=[launch.tokens_spec(cfg, cfg.nc)] + _param_specs(cfg)
+      + [launch.tokens_spec(cfg, cfg.c), launch.tokens_spec(cfg, w)],
+      out_specs=[launch.tokens_spec(cfg, cfg.nc)] + [launch.tokens_spec(cfg, w)] * 3,
+      out_shape=[jax.ShapeDtypeStruct((t, cfg.nc), x2d.dtype)]
+      + [jax.ShapeDtypeStruct((t, w), f32)] * 3,
+  )(x2d, *_operands(cfg, phi, b, alpha), du.astype(x2d.dtype), dh.astype(f32))
+  width = cfg.spec.width
+  dphi = jnp.einsum("tk,tw->kw", x2d.astype(f32), dproj[:, :width],
+                    precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+  db = jnp.sum(dz[:, :width], axis=0)
+  vecs, _ = block.constants(cfg.spec)
+  dalpha = jnp.sum(dz * hh, axis=0) @ jnp.asarray(vecs[4:7].T)
+  return dx, dphi.astype(phi.dtype), db.astype(b.dtype), dalpha.astype(alpha.dtype)
+
+
+fused_pre.defvjp(_fwd, _bwd)
