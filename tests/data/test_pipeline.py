@@ -146,3 +146,23 @@ def test_stdlib_corpus_small(tmp_path):
   assert b["inputs"].shape == (2, 64)
   text = make_tokenizer(cfg).decode(make_eval_batches(cfg, 1)[0]["inputs"][0])
   assert text.isprintable() or "\n" in text
+
+
+def test_full_stdlib_corpus_builds_and_splits_by_file(tmp_path):
+  """The default corpus: every non-empty stdlib `.py` file (no site-packages), ~5% of files held out."""
+  import os
+  from mhc_jax.data import sources
+  cfg = DataConfig(data_dir=str(tmp_path), seq_len=128, batch_size=2)
+  files = corpus.list_corpus_files(cfg)
+  root = corpus.stdlib_dir()
+  want = sorted(os.path.relpath(os.path.join(d, f), root) for d, dirs, fs in os.walk(root)
+                if "site-packages" not in d and "__pycache__" not in d
+                for f in fs if f.endswith(".py") and os.path.getsize(os.path.join(d, f)) > 0)
+  assert [r for r, _ in files] == want and len(files) > 500
+  train, val = sources.open_split(cfg, "train"), sources.open_split(cfg, "validation")
+  train_paths = {ex["path"] for ex in train}
+  val_paths = {ex["path"] for ex in val}
+  assert not train_paths & val_paths and len(train_paths) + len(val_paths) == len(files)
+  assert len(val_paths) == round(0.05 * len(files))
+  b = next(make_train_iterator(cfg))
+  assert b["inputs"].shape == (2, 128) and b"\n" in b["inputs"].astype(np.uint8).tobytes()
