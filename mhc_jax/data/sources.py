@@ -25,8 +25,9 @@ def _local_data_dir(cfg) -> str:
     root = cfg.resolved_data_dir()
     try:
       _prepared[memo] = text_builder.prepare_local_text(files, root, cfg.val_fraction)
-    except PermissionError as e:
-      fail("data.data_dir", root, f"a writable directory for the built corpus ({e.strerror})")
+    except OSError as e:  # unwritable, or a file where the directory should be
+      fail("data.data_dir", root, f"a writable directory for the built corpus "
+           f"({e.strerror or e}: {e.filename or root})")
   return _prepared[memo]
 
 
@@ -34,7 +35,7 @@ def _local_split(cfg, split: str):
   data_dir = _local_data_dir(cfg)
   builder = text_builder.MhcLocalText(data_dir=data_dir)
   if split not in builder.info.splits:
-    n = sum(1 for _ in corpus.list_corpus_files(cfg))
+    n = len(corpus.list_corpus_files(cfg))
     fail("data.val_fraction", cfg.val_fraction,
          f"a fraction > 0 of at least 2 files for a validation split (the corpus has {n} file(s))")
   return tfds.data_source(text_builder.BUILDER_NAME, split=split, data_dir=data_dir, download=False)

@@ -1,7 +1,8 @@
 """Tokenizers: bytes (default, vocab 256) or a SentencePiece model file.
 
 Both expose `vocab_size`, `eos_id` (appended after every document before packing),
-`encode(str | bytes) -> int32 [N]` and `decode(ids) -> str`.
+`encode(str | bytes) -> int32 [N]`, `decode(ids) -> str` and `num_bytes(ids)` (text bytes the ids
+stand for, for bits per byte = total loss in nats / (ln 2 · num_bytes)).
 """
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class Tokenizer:
   def decode(self, ids) -> str:
     raise NotImplementedError
 
+  def num_bytes(self, ids) -> int:
+    """UTF-8 bytes of text that `ids` stand for (separators excluded): the bits-per-byte denominator."""
+    ids = np.asarray(ids).reshape(-1)
+    return len(self.decode(ids[ids != self.eos_id]).encode("utf-8"))
+
 
 class ByteTokenizer(Tokenizer):
   """UTF-8 bytes as ids 0..255. Byte 0 (NUL, absent from text) separates documents."""
@@ -36,6 +42,9 @@ class ByteTokenizer(Tokenizer):
   def decode(self, ids) -> str:
     ids = np.asarray(ids).reshape(-1)
     return bytes(int(i) for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+
+  def num_bytes(self, ids) -> int:
+    return int(np.count_nonzero(np.asarray(ids) != self.eos_id))
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -110,3 +110,10 @@ def test_batch_not_divisible_by_processes_and_empty_validation(tmp_path):
     make_train_iterator(DataConfig(**base, batch_size=5), process_index=0, process_count=2)
   msg = _error(DataConfig(**base), what="eval")
   assert msg.startswith("data.val_fraction=0.05 is not allowed") and "1 file(s)" in msg
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+  write_corpus(tmp_path / "c", n_files=3)
+  (tmp_path / "file").write_text("x")
+  msg = _error(DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "file")))
+  assert msg.startswith(f"data.data_dir='{tmp_path}/file' is not allowed: a writable directory")

@@ -34,6 +34,7 @@ def test_sentencepiece_model_file(tmp_path):
   assert ids.dtype == np.int32 and ids.max() < 40 and 0 < len(ids) < len(text)
   assert tok.decode(ids) == text
   assert tok.decode(tok.encode(text.encode())) == text
+  assert tok.num_bytes(np.append(ids, tok.eos_id)) == len(text.encode())
 
 
 def test_missing_or_bad_model_file(tmp_path):
@@ -43,3 +44,10 @@ def test_missing_or_bad_model_file(tmp_path):
   bad.write_bytes(b"not a model")
   with pytest.raises(ConfigError, match=r"^data.tokenizer="):
     make_tokenizer(DataConfig(tokenizer=str(bad)))
+
+
+def test_num_bytes_counts_text_bytes():
+  tok = make_tokenizer(DataConfig())
+  ids = np.concatenate([tok.encode("héllo"), [tok.eos_id], tok.encode("ab")])
+  assert tok.num_bytes(ids) == len("héllo".encode()) + 2 == 8
+  assert tok.num_bytes(ids.reshape(1, -1)) == 8
