@@ -119,16 +119,16 @@ def prepare_local_text(files, cache_root: str, val_fraction: float) -> str:
     with _quiet_progress():
       builder.download_and_prepare(file_format="array_record")
     shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.isdir(final):  # not a lost race: a real failure
-        raise
-      if not _complete(final):  # a damaged cache entry (not ours to trust): move it aside, retry
-        aside = f"{tmp}.damaged"
-        os.rename(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+    for attempt in range(2):
+      try:
         os.rename(tmp, final)
+        break
+      except OSError:
+        if _complete(final):  # lost the race to an identical build: use that one
+          break
+        if attempt or not os.path.isdir(final):  # a real failure
+          raise
+        _discard(final, f"{tmp}.damaged")  # a damaged entry (not a finished build): replace it
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"mhc_jax.data: built a {len(files)}-file text corpus in {time.perf_counter() - start:.1f} s "
@@ -145,6 +145,14 @@ def _quiet_progress():
     yield
   finally:
     tfds.display_progress_bar(was)
+
+
+def _discard(path: str, aside: str):
+  try:
+    os.rename(path, aside)  # atomic, so a reader never sees it half-deleted
+  except FileNotFoundError:
+    return
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def _complete(data_dir: str) -> bool:

@@ -117,3 +117,15 @@ def test_data_dir_that_is_a_file(tmp_path):
   (tmp_path / "file").write_text("x")
   msg = _error(DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "file")))
   assert msg.startswith(f"data.data_dir='{tmp_path}/file' is not allowed: a writable directory")
+
+
+def test_bad_process_and_batch_counts(tmp_path):
+  write_corpus(tmp_path / "c", n_files=4)
+  cfg = DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "x"),
+                   seq_len=8, batch_size=4, val_fraction=0.25)
+  for kwargs, start in [(dict(process_index=2, process_count=2), "process_index=2 is not allowed"),
+                        (dict(process_index=0, process_count=0), "process_count=0 is not allowed")]:
+    with pytest.raises(ConfigError, match="^" + start):
+      make_train_iterator(cfg, **kwargs)
+  with pytest.raises(ConfigError, match="^num_batches=0 is not allowed"):
+    make_eval_batches(cfg, 0)
