@@ -5,10 +5,21 @@
                              process_count=jax.process_count())
     batch = next(it)   # {"inputs": int32 [B_local, T], "targets": int32 [B_local, T]}
     val = make_eval_batches(cfg, num_batches=8)
-"""
-from mhc_jax.data.config import DataConfig
-from mhc_jax.data.pipeline import make_eval_batches, make_train_iterator
-from mhc_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
 
-__all__ = ["DataConfig", "make_train_iterator", "make_eval_batches", "Tokenizer", "ByteTokenizer",
-           "SentencePieceTokenizer", "make_tokenizer"]
+`DataConfig` imports nothing heavy; the rest (tfds, grain) loads on first use.
+"""
+import importlib
+
+from mhc_jax.data.config import DataConfig
+
+_LAZY = {"make_train_iterator": "pipeline", "make_eval_batches": "pipeline",
+         "Tokenizer": "tokenizer", "ByteTokenizer": "tokenizer",
+         "SentencePieceTokenizer": "tokenizer", "make_tokenizer": "tokenizer"}
+
+__all__ = ["DataConfig", *_LAZY]
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"mhc_jax.data.{_LAZY[name]}"), name)
+  raise AttributeError(f"module 'mhc_jax.data' has no attribute {name!r}")
