@@ -129,3 +129,29 @@ def test_bad_process_and_batch_counts(tmp_path):
       make_train_iterator(cfg, **kwargs)
   with pytest.raises(ConfigError, match="^num_batches=0 is not allowed"):
     make_eval_batches(cfg, 0)
+
+
+def test_tfds_by_name_reads_a_really_prepared_dataset(tmp_path):
+  """No mocks: a dataset prepared in ArrayRecord under data_dir (here by our own builder) is read by
+  name, its splits found, and its feature names checked."""
+  from mhc_jax.data import corpus, sources, text_builder
+  write_corpus(tmp_path / "c", n_files=8, lines=40)
+  local = DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "cache"),
+                     val_fraction=0.25, seq_len=32, batch_size=2)
+  data_dir = text_builder.prepare_local_text(corpus.list_corpus_files(local), str(tmp_path / "cache"),
+                                             0.25)
+  cfg = DataConfig(source="tfds", tfds_name=text_builder.BUILDER_NAME, data_dir=data_dir,
+                   seq_len=32, batch_size=2)
+  for split in ("train", "validation"):
+    assert len(sources.open_split(cfg, split)) == len(sources.open_split(local, split))
+  np.testing.assert_array_equal(make_eval_batches(cfg, 3)[2]["inputs"],
+                                make_eval_batches(local, 3)[2]["inputs"])
+  assert next(make_train_iterator(cfg))["inputs"].shape == (2, 32)
+  msg = _error(DataConfig(**{**vars(cfg), "text_key": "body"}))
+  assert msg.startswith("data.text_key='body' is not allowed") and "'path'" in msg
+  one = DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "cache2"),
+                   val_fraction=0.0)
+  train_only = text_builder.prepare_local_text(corpus.list_corpus_files(one), str(tmp_path / "cache2"),
+                                               0.0)
+  msg = _error(DataConfig(**{**vars(cfg), "data_dir": train_only}), what="eval")
+  assert msg.startswith("data.tfds_name='mhc_local_text' is not allowed") and "['train']" in msg
