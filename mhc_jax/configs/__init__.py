@@ -36,7 +36,7 @@ def tiny() -> RunConfig:
   model = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, max_seq_len=32,
                       dtype="float32", connection=ConnectionConfig(kind="mhc", n_streams=4,
                                                                    sinkhorn_iters=5))
-  data = DataConfig(source="files", path="data", seq_len=16, batch_size=8, val_fraction=0.2)
+  data = DataConfig(source="files", path="data", seq_len=16, batch_size=16, val_fraction=0.2)
   train = TrainConfig(steps=20, lr=1e-2, warmup_steps=2, eval_every=10, eval_batches=2,
                       log_every=1, checkpoint_every=5, keep=3, sample_tokens=16)
   return RunConfig(model=model, data=data, train=train, mesh=MeshConfig(strategy="dp"))
