@@ -167,6 +167,7 @@ def test_loader_rejects_mismatched_model(tmp_path):
     convert.detect_layout({"foo": np.zeros(1)})
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.xdist_group("dsv4")
 def test_load_real_transformers_checkpoint(tmp_path):
