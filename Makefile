@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-EXTRAS ?= dev,notebooks
+EXTRAS ?= dev,notebooks,tpu-aot
 export PYTHONHASHSEED ?= 0
 
 .PHONY: venv train test test-fast bench clean

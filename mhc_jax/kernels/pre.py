@@ -23,17 +23,18 @@ from mhc_jax.kernels import block, launch
 from mhc_jax.kernels.block import col, mapping, project, row
 
 
-def _load_streams(cfg, ref):
-  """`xs[j][q]`: chunk q of stream j, `[bt, size]`, loaded from a `[bt, nC]` block."""
-  ch = block.chunks(cfg.c, cfg.max_chunk)
-  return [[ref[:, j * cfg.c + o:j * cfg.c + o + s] for o, s in ch] for j in range(cfg.n)], ch
+def _xload(cfg, ref, j, o, s):
+  """Chunk `[o, o+s)` of stream j from a `[bt, nC]` block. Chunks are re-read where needed rather
+  than kept live (VMEM reads on TPU; cache reads on GPU, where registers are scarce)."""
+  return ref[:, j * cfg.c + o:j * cfg.c + o + s]
 
 
 def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref):
   spec = cfg.spec
-  xs, ch = _load_streams(cfg, x_ref)
-  phis = [[phi_ref[j * cfg.c + o:j * cfg.c + o + s, :] for o, s in ch] for j in range(cfg.n)]
-  proj, ss = project([x for xj in xs for x in xj], [p for pj in phis for p in pj],
+  ch = block.chunks(cfg.c, cfg.max_chunk)
+  pieces = [(j, o, s) for j in range(cfg.n) for o, s in ch]
+  proj, ss = project([_xload(cfg, x_ref, j, o, s) for j, o, s in pieces],
+                     [phi_ref[j * cfg.c + o:j * cfg.c + o + s, :] for j, o, s in pieces],
                      cfg.bf16_passes)
   r = jax.lax.rsqrt(ss * (1.0 / cfg.nc) + spec.norm_eps)
   hh = proj * r
@@ -41,7 +42,7 @@ def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref):
   a_row, b_row = row(prm, 0), row(prm, 1)
   z = hh * a_row + b_row
   vecs, m0, m1 = vec_ref[...], m0_ref[...], m1_ref[...]
-  return dict(xs=xs, ch=ch, phis=phis, proj=proj, r=r, hh=hh, z=z, a_row=a_row,
+  return dict(ch=ch, proj=proj, r=r, hh=hh, z=z, a_row=a_row,
               fn=lambda z_: mapping(spec, z_, vecs, m0, m1))
 
 
@@ -51,9 +52,9 @@ def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, u_ref, h_re
   h_ref[...] = h
   hpre = [col(h, j) for j in range(cfg.n)]
   for q, (o, s) in enumerate(f["ch"]):
-    u = hpre[0] * f["xs"][0][q].astype(jnp.float32)
+    u = hpre[0] * _xload(cfg, x_ref, 0, o, s).astype(jnp.float32)
     for j in range(1, cfg.n):
-      u = u + hpre[j] * f["xs"][j][q].astype(jnp.float32)
+      u = u + hpre[j] * _xload(cfg, x_ref, j, o, s).astype(jnp.float32)
     u_ref[:, o:o + s] = u.astype(u_ref.dtype)
 
 
@@ -61,14 +62,14 @@ def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, du_ref, dh_
               dx_ref, dz_ref, hh_ref, dproj_ref):
   f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref)
   h, vjp = jax.vjp(f["fn"], f["z"])
-  xs, ch = f["xs"], f["ch"]
+  ch = f["ch"]
   dus = [du_ref[:, o:o + s].astype(jnp.float32) for o, s in ch]
   lanes = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
   dh = dh_ref[...]
   for j in range(cfg.n):              # u = sum_j H_pre[j] x[j]  ->  dH_pre[j] += <du, x[j]>
     g = None
-    for q in range(len(ch)):
-      t = jnp.sum(dus[q] * xs[j][q].astype(jnp.float32), axis=1, keepdims=True)
+    for q, (o, s) in enumerate(ch):
+      t = jnp.sum(dus[q] * _xload(cfg, x_ref, j, o, s).astype(jnp.float32), axis=1, keepdims=True)
       g = t if g is None else g + t
     dh = dh + jnp.where(lanes == j, g, 0.0)
   (dz,) = vjp(dh)
@@ -80,8 +81,8 @@ def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, du_ref, dh_
   for j in range(cfg.n):
     hpre = col(h, j)
     for q, (o, s) in enumerate(ch):
-      dx = block._dot_nt(dproj, f["phis"][j][q])
-      dx = dx + dss2 * xs[j][q].astype(jnp.float32) + hpre * dus[q]
+      dx = block._dot_nt(dproj, phi_ref[j * cfg.c + o:j * cfg.c + o + s, :])
+      dx = dx + dss2 * _xload(cfg, x_ref, j, o, s).astype(jnp.float32) + hpre * dus[q]
       dx_ref[:, j * cfg.c + o:j * cfg.c + o + s] = dx.astype(dx_ref.dtype)
   dz_ref[...] = dz
   hh_ref[...] = f["hh"]
