@@ -152,11 +152,50 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+_UNBOX_PATCH_DEPTH = [0]
+_ORIGINAL_UNBOX: list = []
+
+
 @contextlib.contextmanager
-def sharding_context(mesh: Mesh, mesh_cfg: MeshConfig):
-  """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`: trace/init/apply the model inside this."""
+def _params_unconstrained():
+  """Inside: boxed parameter values are unboxed without a sharding constraint.
+
+  Flax re-runs every initialiser under `eval_shape` in `apply` (a shape check) and, under a mesh,
+  constrains the boxed result; that raises for kernels created flat and boxed with more names
+  (`nn.DenseGeneral` with multi-dim features) and for repeated names such as `("mhc", "mhc")`. Those
+  values are thrown away; the real parameters arrive already placed by the jit's `in_shardings` (and
+  are born sharded through `out_shardings`), so only activation constraints matter here.
+  """
+  from flax.linen import spmd
+  cls = spmd.LogicallyPartitioned
+  if not _ORIGINAL_UNBOX:
+    _ORIGINAL_UNBOX.append(cls.unbox)
+  original = _ORIGINAL_UNBOX[0]
+  if _UNBOX_PATCH_DEPTH[0] == 0:
+    cls.unbox = lambda self, apply_constraint=True: original(self, apply_constraint=False)
+  _UNBOX_PATCH_DEPTH[0] += 1
+  try:
+    yield
+  finally:
+    _UNBOX_PATCH_DEPTH[0] -= 1
+    if _UNBOX_PATCH_DEPTH[0] == 0:
+      cls.unbox = original
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, mesh_cfg: MeshConfig, constrain_params: bool = False):
+  """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`: trace/apply the model inside this.
+
+  Activations are constrained by the model's logical names. `constrain_params=False` (default) skips
+  the constraint Flax puts on freshly initialised boxed values (see `_params_unconstrained`); create
+  parameters through `jax.jit(init, out_shardings=...)` instead.
+  """
   import flax.linen as nn
-  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(mesh_cfg)):
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(logical_rules(mesh_cfg)))
+    if not constrain_params:
+      stack.enter_context(_params_unconstrained())
     yield
 
 

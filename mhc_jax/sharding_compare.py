@@ -1,0 +1,478 @@
+"""`mhc-jax compare-sharding`: compile the train step under each strategy and compare the cost.
+
+For one model config, each row (connection kind x strategy x residual-stream sharding) compiles the
+real training step (`mhc_jax.train.step.make_train_step`, born-sharded state, donated) and records
+  * per-device memory from `compiled.memory_analysis()` (arguments, outputs, temporaries, total);
+  * FLOPs and bytes accessed from `compiled.cost_analysis()` (per device, as XLA reports them);
+  * count and per-device bytes of each collective kind parsed from the compiled HLO, with the trip
+    counts of the enclosing while loops applied (a scanned layer stack runs its body L times);
+  * when the devices are real (CPU fake devices included): the loss after `--steps` steps on a fixed
+    batch (all strategies must agree) and the measured step time / tokens per second.
+Devices: the local ones (`JAX_NUM_CPU_DEVICES=8` for fake CPU devices, or `--cpu-devices 8`), or a TPU
+topology compiled ahead of time through libtpu (`--topology v5e:2x4`, the `tpu-aot` extra).
+Output: a console table, `<out>.json` and `<out>.png` (bar charts).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from mhc_jax.config import ConfigError, ConnectionConfig, fail
+from mhc_jax.sharding import DEFAULT_SHAPES, STRATEGIES, STREAM_SHARDINGS, MeshConfig
+
+MiB = 2 ** 20
+
+# ---------------------------------------------------------------------------------------------
+# Collectives from compiled HLO text.
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "c64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2,
+                "f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_COMP_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_OP_RE = re.compile(r"=\s*(.*?)\s+(" + "|".join(KINDS) + r")(-start)?\(")
+_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_CALL_RE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)="
+                      r"%?([\w.\-]+)")
+_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _array_bytes(type_text: str) -> list[int]:
+  out = []
+  for dtype, dims in _ARRAY_RE.findall(type_text):
+    if dtype in _DTYPE_BYTES:
+      out.append(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype])
+  return out
+
+
+def _result_bytes(kind: str, is_async: bool, type_text: str) -> int:
+  """Per-device bytes an op moves, from its result type.
+
+  Sync ops: the result (all arrays of a combined op). Async `*-start` results are tuples: all-reduce
+  returns its operands' shape (sum them); all-gather / collective-permute / all-to-all return
+  `(operands, outputs, [context scalars])` (the second half of the non-scalar arrays).
+  """
+  sizes = _array_bytes(type_text)
+  if not is_async or kind == "all-reduce":
+    return sum(sizes)
+  arrays = [s for s in sizes if s > 4] or sizes
+  half = len(arrays) // 2
+  return sum(arrays[half:]) if half else sum(arrays)
+
+
+def _split_computations(hlo: str):
+  comps: dict[str, list[str]] = {}
+  entry = current = None
+  for line in hlo.splitlines():
+    m = _COMP_RE.match(line)
+    if m:
+      current = m.group(2)
+      comps[current] = []
+      entry = current if m.group(1) else entry
+    elif current is not None:
+      if line.startswith("}"):
+        current = None
+      else:
+        comps[current].append(line)
+  return comps, entry
+
+
+def collective_stats(hlo: str) -> dict[str, dict[str, float]]:
+  """`{kind: {"count": executions per step, "bytes": per-device bytes per step}}`.
+
+  Each computation's multiplicity is the sum over its call sites of the caller's multiplicity times
+  the loop's `known_trip_count` (1 for non-loop calls), so collectives in a scanned layer body count
+  L times.
+  """
+  comps, entry = _split_computations(hlo)
+  stats = {k: {"count": 0, "bytes": 0} for k in KINDS}
+  if entry is None:
+    return stats
+  edges = collections.defaultdict(list)
+  for name, lines in comps.items():
+    for line in lines:
+      trip = _TRIP_RE.search(line)
+      for role, callee in _CALL_RE.findall(line):
+        factor = int(trip.group(1)) if trip and role in ("body", "condition") else 1
+        edges[name].append((callee, factor))
+      b = _BRANCHES_RE.search(line)
+      if b:
+        edges[name] += [(c.strip().lstrip("%"), 1) for c in b.group(1).split(",") if c.strip()]
+  order, seen = [], set()
+
+  def visit(name):
+    if name not in seen:
+      seen.add(name)
+      for callee, _ in edges.get(name, ()):
+        visit(callee)
+      order.append(name)
+  visit(entry)
+  mult = collections.Counter({entry: 1})
+  for name in reversed(order):                   # callers before callees
+    for callee, factor in edges.get(name, ()):
+      mult[callee] += mult[name] * factor
+  for name, lines in comps.items():
+    if not mult.get(name):
+      continue
+    for line in lines:
+      op = _OP_RE.search(line)
+      if op:
+        kind, is_async = op.group(2), bool(op.group(3))
+        stats[kind]["count"] += mult[name]
+        stats[kind]["bytes"] += mult[name] * _result_bytes(kind, is_async, op.group(1))
+  return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows.
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  connection: str            # "residual" or e.g. "mhc4"
+  mesh: MeshConfig
+
+
+def _conn_label(conn: ConnectionConfig) -> str:
+  return "residual" if conn.kind == "residual" else f"{conn.kind}{conn.n_streams}"
+
+
+def _shape_for(strategy: str, shapes: dict[str, tuple], n_devices: int) -> tuple:
+  if strategy in shapes:
+    return shapes[strategy]
+  if strategy == "hsdp":          # single slice: show it as 2 "DCN" replicas x ICI fsdp
+    return (2, -1, 1) if n_devices % 2 == 0 and n_devices > 2 else (1, -1, 1)
+  return DEFAULT_SHAPES[strategy]
+
+
+def make_rows(connections, strategies, stream_shardings, shapes, n_devices) -> list[Row]:
+  """Every connection under every strategy (streams replicated over `tensor`); then, for multi-stream
+  connections, each extra stream sharding under the strategies whose `tensor` axis is > 1."""
+  rows = []
+  for conn in connections:
+    label = _conn_label(conn)
+    for s in strategies:
+      shape = _shape_for(s, shapes, n_devices)
+      mesh = MeshConfig(s, shape, "replicated")
+      rows.append(Row(f"{label}/{s}", label, mesh))
+      if conn.kind == "residual":
+        continue
+      tensor = mesh.resolved_shape(n_devices)[2]
+      for ss in stream_shardings:
+        if ss != "replicated" and tensor > 1:
+          rows.append(Row(f"{label}/{s}/{ss}", label, MeshConfig(s, shape, ss)))
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile and run one row.
+
+def _run_config(base, conn: ConnectionConfig, mesh: MeshConfig):
+  model = dataclasses.replace(base.model, connection=conn,
+                              collapse="sum" if conn.kind == "residual" else base.model.collapse)
+  return dataclasses.replace(base, model=model, mesh=mesh)
+
+
+def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, Any]:
+  """Compile (and, on real devices, run `steps` steps of) the train step for `cfg` on `devices`."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from mhc_jax import sharding as shd
+  from mhc_jax.train import state as st
+  from mhc_jax.train.step import make_train_step
+
+  mesh = shd.make_mesh(cfg.mesh, devices)
+  shardings = st.state_shardings(cfg, mesh)
+  batch_sh = shd.batch_sharding(mesh, cfg.mesh)
+  abstract = st.abstract_state(cfg)
+  abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
+  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           abstract, shardings)
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  batch_abs = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=batch_sh)
+               for k in ("inputs", "targets")}
+  step_fn = jax.jit(make_train_step(cfg), in_shardings=(shardings, {"inputs": batch_sh,
+                                                                     "targets": batch_sh}),
+                    out_shardings=(shardings, None), donate_argnums=0)
+  t0 = time.perf_counter()
+  with shd.sharding_context(mesh, cfg.mesh):
+    lowered = step_fn.lower(state_abs, batch_abs)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  out = {
+      "mesh_shape": dict(mesh.shape),
+      "n_params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
+      "compile_s": round(compile_s, 2),
+      "memory_mib": {
+          "arguments": mem.argument_size_in_bytes / MiB,
+          "outputs": mem.output_size_in_bytes / MiB,
+          "aliased": mem.alias_size_in_bytes / MiB,
+          "temporaries": mem.temp_size_in_bytes / MiB,
+          "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / MiB,
+      },
+      "flops": float(cost.get("flops", float("nan"))),
+      "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+      "collectives": collective_stats(compiled.as_text()),
+  }
+  out["collective_mib"] = sum(v["bytes"] for v in out["collectives"].values()) / MiB
+  if real and steps > 0:
+    setup = st.make_setup(cfg, devices)
+    state = st.create_state(cfg, setup)
+    rng = np.random.default_rng(cfg.data.seed)
+    seq = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    batch = {"inputs": shd.global_batch_array(seq[:, :-1], mesh, cfg.mesh),
+             "targets": shd.global_batch_array(seq[:, 1:], mesh, cfg.mesh)}
+    losses, times = [], []
+    for _ in range(steps):
+      t1 = time.perf_counter()
+      with shd.sharding_context(mesh, cfg.mesh):
+        state, metrics = compiled(state, batch)
+      losses.append(float(metrics["loss"]))     # blocks until the step is done
+      times.append(time.perf_counter() - t1)
+    out["losses"] = losses
+    timed = times[1:] or times
+    out["step_ms"] = 1e3 * float(np.median(timed))
+    out["tokens_per_s"] = b * t / float(np.median(timed))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets, CLI.
+
+def preset(name: str):
+  """`small`: CPU-sized (seconds per row); `1b`: ~1.0B-parameter mHC LM for TPU ahead-of-time."""
+  from mhc_jax.config import ModelConfig
+  from mhc_jax.data.config import DataConfig
+  from mhc_jax.train.config import RunConfig, TrainConfig
+  conn = ConnectionConfig(kind="mhc", n_streams=4)
+  if name == "small":
+    model = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, max_seq_len=64,
+                        dtype="float32", connection=conn)
+    data = DataConfig(seq_len=64, batch_size=16)
+  elif name == "1b":
+    # 20 x (4 d^2 attention + 3 d ff SwiGLU) with d=2048, ff=5504: 1.01e9 parameters.
+    model = ModelConfig(vocab_size=256, d_model=2048, n_layers=20, n_heads=16, max_seq_len=2048,
+                        dtype="bfloat16", remat="full", connection=conn)
+    data = DataConfig(seq_len=2048, batch_size=16)
+  else:
+    raise ConfigError(f"--preset {name!r} is not allowed: choose one of 'small', '1b'")
+  return RunConfig(model=model, data=data, train=TrainConfig(steps=100, lr=1e-3, warmup_steps=0),
+                   mesh=MeshConfig())
+
+
+def _parse_shapes(items: list[str]) -> dict[str, tuple]:
+  shapes = {}
+  for item in items:
+    if "=" not in item:
+      fail("--shape", item, "strategy=data,fsdp,tensor, e.g. fsdp_tp=1,4,2")
+    s, v = item.split("=", 1)
+    if s not in STRATEGIES:
+      fail("--shape", item, "a strategy among " + ", ".join(STRATEGIES))
+    try:
+      shapes[s] = tuple(int(x) for x in v.split(","))
+    except ValueError:
+      fail("--shape", item, "integers, e.g. fsdp_tp=1,4,2")
+    MeshConfig(s, shapes[s])
+  return shapes
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mhc-jax compare-sharding", description=__doc__.split("\n")[0])
+  p.add_argument("--preset", default="small", help="small (CPU) or 1b (TPU ahead-of-time)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="RunConfig override, e.g. model.d_model=128 or data.batch_size=32")
+  p.add_argument("--strategies", default=",".join(STRATEGIES))
+  p.add_argument("--stream-shardings", default=",".join(STREAM_SHARDINGS),
+                 help="residual-stream layouts to add as rows for multi-stream models")
+  p.add_argument("--n-streams", type=int, default=4, help="mHC streams (compared with residual)")
+  p.add_argument("--connections", default="residual,mhc", help="kinds compared at the same width")
+  p.add_argument("--shape", action="append", default=[], metavar="STRATEGY=D,F,T",
+                 help="mesh shape for a strategy (default: all devices on its axis)")
+  p.add_argument("--topology", default=None,
+                 help="TPU topology for ahead-of-time compilation, e.g. v5e:2x4 (needs libtpu)")
+  p.add_argument("--cpu-devices", type=int, default=None,
+                 help="fake CPU devices (set before jax starts; same as JAX_NUM_CPU_DEVICES)")
+  p.add_argument("--steps", type=int, default=3, help="train steps per row on real devices")
+  p.add_argument("--out", default=None, help="output prefix (default experiments/results/"
+                                            "sharding_<devices>)")
+  p.add_argument("--no-plot", action="store_true")
+  return p
+
+
+def topology_devices(name: str):
+  """Compile-only TPU devices for topology `name` (e.g. `v5e:2x4`) through libtpu."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other processes may hold libtpu's lock
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
+  from jax.experimental import topologies
+  m = re.fullmatch(r"(v[0-9a-z]+(?: lite)?):(\d+)x(\d+)(?:x(\d+))?", name)
+  if not m:
+    fail("--topology", name, "a TPU topology such as v5e:2x4, v4:2x2x2, v5p:2x2x2")
+  dims = [int(d) for d in m.groups()[1:] if d]
+  host = tuple(min(d, 2) for d in dims) + (1,) * (3 - len(dims))
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                        chip_config_name="default", chips_per_host_bounds=host,
+                                        num_slices=1).devices
+  except Exception as e:  # noqa: BLE001 - libtpu missing or unknown topology: one clear line
+    raise ConfigError(f"--topology={name!r} is not allowed: cannot build it ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}); install the tpu-aot extra (libtpu)") from e
+
+
+def _fmt_table(rows: list[dict]) -> str:
+  head = (f"{'row':<28} {'mesh':<9} {'args':>8} {'temp':>8} {'total':>8} {'GFLOP':>9} "
+          f"{'AR':>5} {'AG':>5} {'RS':>5} {'A2A':>4} {'CP':>4} {'comm MiB':>9} {'loss':>9}"
+          f" {'ms/step':>8}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"{r['name']:<28} {'x'.join(map(str, r['shape'])):<9} error: {r['error'][:80]}")
+      continue
+    m, c = r["memory_mib"], r["collectives"]
+    loss = f"{r['losses'][-1]:.5f}" if r.get("losses") else "-"
+    ms = f"{r['step_ms']:.1f}" if r.get("step_ms") else "-"
+    lines.append(
+        f"{r['name']:<28} {'x'.join(map(str, r['shape'])):<9} {m['arguments']:8.1f} "
+        f"{m['temporaries']:8.1f} {m['total']:8.1f} {r['flops'] / 1e9:9.2f} "
+        f"{c['all-reduce']['count']:5d} {c['all-gather']['count']:5d} "
+        f"{c['reduce-scatter']['count']:5d} {c['all-to-all']['count']:4d} "
+        f"{c['collective-permute']['count']:4d} {r['collective_mib']:9.1f} {loss:>9} {ms:>8}")
+  lines.append("memory in MiB per device; collectives: executions per step (while trip counts "
+               "applied); comm MiB = per-device bytes of all collectives per step")
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [r for r in result["rows"] if "error" not in r]
+  if not rows:
+    return
+  names = [r["name"] for r in rows]
+  panels = [
+      ("argument MiB / device", [r["memory_mib"]["arguments"] for r in rows]),
+      ("temporary MiB / device", [r["memory_mib"]["temporaries"] for r in rows]),
+      ("collective MiB / device / step", [r["collective_mib"] for r in rows]),
+      ("GFLOP / device / step", [r["flops"] / 1e9 for r in rows]),
+  ]
+  fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(rows) + 3), 11),
+                           sharex=True)
+  colors = ["tab:gray" if r["connection"] == "residual" else "tab:blue" for r in rows]
+  for ax, (title, vals) in zip(axes, panels):
+    ax.bar(range(len(rows)), vals, color=colors)
+    ax.set_ylabel(title, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+  axes[-1].set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+  fig.suptitle(f"{result['title']}  (gray: residual, blue: mHC)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(args) -> dict:
+  import jax
+  from mhc_jax.train.config import apply_overrides
+  base = apply_overrides(preset(args.preset), args.overrides)
+  if args.topology:
+    devices, real, where = topology_devices(args.topology), False, f"tpu-aot {args.topology}"
+  else:
+    devices, real = jax.devices(), True
+    where = f"{len(devices)}x {devices[0].platform}"
+  n = len(devices)
+  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+  for s in strategies:
+    if s not in STRATEGIES:
+      fail("--strategies", s, "choose among " + ", ".join(STRATEGIES))
+  streams = [s.strip() for s in args.stream_shardings.split(",") if s.strip()]
+  for s in streams:
+    if s not in STREAM_SHARDINGS:
+      fail("--stream-shardings", s, "choose among " + ", ".join(STREAM_SHARDINGS))
+  conns = []
+  for kind in [k.strip() for k in args.connections.split(",") if k.strip()]:
+    if kind == "residual":
+      conns.append(ConnectionConfig(kind="residual", n_streams=1))
+    else:
+      conns.append(dataclasses.replace(base.model.connection, kind=kind, n_streams=args.n_streams))
+  shapes = _parse_shapes(args.shape)
+  rows = make_rows(conns, strategies, streams, shapes, n)
+  by_label = {_conn_label(c): c for c in conns}
+  results = []
+  for row in rows:
+    cfg = _run_config(base, by_label[row.connection], row.mesh)
+    rec = {"name": row.name, "connection": row.connection, "strategy": row.mesh.strategy,
+           "stream_sharding": row.mesh.stream_sharding,
+           "shape": list(row.mesh.resolved_shape(n))}
+    try:
+      rec.update(compile_row(cfg, devices, steps=args.steps, real=real))
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 - e.g. a TPU out-of-memory at compile time: keep going
+      rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
+    print(f"  compiled {row.name}: " + ("error" if "error" in rec else
+                                       f"{rec['compile_s']:.1f}s"), file=sys.stderr, flush=True)
+    results.append(rec)
+  # all strategies must agree on the loss (per connection kind)
+  agree = {}
+  for label in by_label:
+    losses = [r["losses"] for r in results if r["connection"] == label and r.get("losses")]
+    if len(losses) > 1:
+      agree[label] = max(abs(a - b) for l in losses for a, b in zip(l, losses[0]))
+  m = base.model
+  return {
+      "title": f"{where}: d={m.d_model} L={m.n_layers} B={base.data.batch_size} "
+               f"T={base.data.seq_len} {m.dtype}",
+      "device": where, "device_kind": devices[0].device_kind, "n_devices": n,
+      "jax_version": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+      "config": json.loads(json.dumps(dataclasses.asdict(base))),
+      "steps": args.steps if real else 0,
+      "loss_max_abs_diff_across_strategies": agree,
+      "notes": ("memory per device from memory_analysis (CPU buffer assignment differs from "
+                "TPU/GPU); flops/bytes from cost_analysis as XLA reports them; collectives from "
+                "compiled HLO with loop trip counts; step times on fake CPU devices are not "
+                "hardware timings"),
+      "rows": results,
+  }
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if args.cpu_devices:
+    import jax
+    try:
+      jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    except Exception:  # noqa: BLE001 - backend already started
+      print(f"warning: --cpu-devices ignored (jax already has {jax.device_count()} devices); set "
+            "JAX_NUM_CPU_DEVICES before starting", file=sys.stderr)
+  result = run(args)
+  print(_fmt_table(result["rows"]))
+  if result["loss_max_abs_diff_across_strategies"]:
+    print("loss after the last step, max |difference| across strategies: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in result["loss_max_abs_diff_across_strategies"].items()))
+  out = args.out or os.path.join("experiments", "results",
+                                 "sharding_" + re.sub(r"[^\w]+", "_", result["device"]).strip("_"))
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  if not args.no_plot:
+    plot(result, out + ".png")
+  print(f"saved {out}.json" + ("" if args.no_plot else f" and {out}.png"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
