@@ -31,6 +31,7 @@ Tensor names read by `read_v4_safetensors` (L = layer index):
     collapse/{phi,b,alpha}            hc_head_{fn,base,scale}     model.hc_head.hc_{fn,base,scale}
     final_norm/scale                  norm.weight                 model.norm.weight
 
+transformers names are also accepted without the `model.` prefix (a bare `DeepseekV4Model`).
 (`blocks/...` is the scanned layout, stacked over layers; with `scan_layers=False` it is
 `block_L/...`.) Attention, MoE and embedding weights are not converted: V4's attention (compressed
 KV, indexer) and MoE are not this library's blocks.
@@ -165,8 +166,17 @@ def read_v4_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def _with_hf_prefix(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A bare `DeepseekV4Model` saves `layers.L.attn_hc.fn` (no `model.`): add the prefix."""
+  if "layers.0.attn_hc.fn" in tensors and "model.layers.0.attn_hc.fn" not in tensors:
+    return {("model." + k if k.startswith(("layers.", "hc_head.", "norm.")) else k): v
+            for k, v in tensors.items()}
+  return tensors
+
+
 def detect_layout(tensors: Mapping[str, Any]) -> str:
   """'deepseek' (official names) or 'hf' (transformers names); ValueError if neither is found."""
+  tensors = _with_hf_prefix(tensors)
   for layout in LAYOUTS:
     if _SITE_NAMES[layout]["attn"].format(l=0, k="fn") in tensors:
       return layout
@@ -183,6 +193,7 @@ def v4_to_params(tensors: Mapping[str, Any], *, n_layers: int | None = None, sca
   `block_L` subtrees with `scan_layers=False`. `collapse` and the norms are included when present
   (norms only with `norms=True`). Merge into an initialised tree with `merge_params`.
   """
+  tensors = _with_hf_prefix(tensors)
   if layout == "auto":
     layout = detect_layout(tensors)
   if layout not in LAYOUTS:

@@ -153,6 +153,19 @@ def flat_of(params):
   return dict(jax.tree_util.tree_leaves_with_path(nn_unbox(params)))
 
 
+def test_hf_names_without_model_prefix():
+  rng = np.random.default_rng(4)
+  fn, base, scale = _rand_v4(rng, 2, 4)
+  tensors = {"layers.0.attn_hc.fn": fn, "layers.0.attn_hc.base": base, "layers.0.attn_hc.scale": scale,
+             "layers.0.ffn_hc.fn": fn, "layers.0.ffn_hc.base": base, "layers.0.ffn_hc.scale": scale,
+             "norm.weight": np.ones(4, np.float32)}
+  assert convert.detect_layout(tensors) == "hf"
+  out = convert.v4_to_params(tensors)
+  np.testing.assert_array_equal(out["blocks"]["mlp_conn"]["phi"][0],
+                                convert.site_from_v4(fn, base, scale)["phi"])
+  assert out["final_norm"]["scale"].shape == (4,)
+
+
 def test_loader_rejects_mismatched_model(tmp_path):
   _, params = _lm(True)
   _, params_sum = _lm(True, collapse="sum")
