@@ -88,7 +88,14 @@ class ConnectionConfig:
 
 
 def dsv4(**overrides) -> ConnectionConfig:
-  """DeepSeek-V4 numerics: n=4, 20 iterations, eps 1e-6 in Sinkhorn and on H_pre, bf16 mixing."""
+  """DeepSeek-V4 numerics (`hc_mult=4`, `hc_sinkhorn_iters=20`, `hc_eps=rms_norm_eps=1e-6`).
+
+  Softmax-start Sinkhorn with `+eps` in every denominator (`sinkhorn_eps`), `H_pre = sigmoid(.) + eps`
+  (`pre_eps`), unweighted RMSNorm of the flattened streams with `norm_eps`, float32 mapping math,
+  streams mixed in the activation dtype (`mix_dtype="activation"`). With `mhc_jax.convert` the
+  sites match transformers' `DeepseekV4HyperConnection` to ~1e-6 in float32 (tests/dsv4).
+  Overrides go to `ConnectionConfig` (e.g. `dsv4(n_streams=2, sinkhorn_iters=3)`).
+  """
   base = dict(kind="mhc", n_streams=4, sinkhorn_iters=20, sinkhorn_eps=1e-6, pre_eps=1e-6,
               norm_eps=1e-6, mix_dtype="activation")
   base.update(overrides)
