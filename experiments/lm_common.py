@@ -33,10 +33,10 @@ class Scale:
   n_heads: int = 4
   seq_len: int = 64
   batch_size: int = 8
-  steps: int = 200
+  steps: int = 600
   lr: float = 3e-3
-  warmup_steps: int = 20
-  eval_every: int = 50
+  warmup_steps: int = 30
+  eval_every: int = 100
   eval_batches: int = 4
   log_every: int = 10
   clip_norm: float = 1.0
