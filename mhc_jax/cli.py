@@ -119,8 +119,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   import jax
-  from mhc_jax.data import make_eval_batches, make_train_iterator
-  from mhc_jax.train.loop import _jit_steps, _to_device, evaluate, load_checkpoint
+  from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
+  from mhc_jax.train.loop import _jit_steps, _to_device, count_bytes, evaluate, load_checkpoint
   cfg, state, step, setup = load_checkpoint(args.run_dir, args.step)
   n = args.batches or cfg.train.eval_batches
   if n < 1:
@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
   _, eval_step, _ = _jit_steps(cfg, setup)
   with setup.context():
     res = evaluate(eval_step, state.params, [_to_device(b, setup) for b in host],
-                   1.0 if cfg.data.tokenizer == "byte" else None)
+                   count_bytes(make_tokenizer(cfg.data), host))
   print(json.dumps({"run_dir": args.run_dir, "step": step, "split": args.split, "batches": n, **res}))
   return 0
 

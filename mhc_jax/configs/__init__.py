@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 from mhc_jax.config import ConfigError, ConnectionConfig, ModelConfig
 from mhc_jax.data.config import DataConfig
 from mhc_jax.sharding import MeshConfig
@@ -13,19 +15,22 @@ from mhc_jax.train.config import RunConfig, TrainConfig
 
 
 def default() -> RunConfig:
-  model = ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=128,
+  # ~1M params; one step (16 x 128 tokens) costs ~0.7 s of CPU time on this 2-core machine, so 400
+  # steps fit the ~5 minute budget with compilation, evals, sampling and the plot.
+  model = ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
                       dtype="auto", connection=ConnectionConfig(kind="mhc", n_streams=4))
   data = DataConfig(source="stdlib", seq_len=128, batch_size=16)
-  train = TrainConfig(steps=600, lr=3e-3, schedule="cosine", warmup_steps=50, weight_decay=0.1,
+  train = TrainConfig(steps=400, lr=3e-3, schedule="cosine", warmup_steps=40, weight_decay=0.1,
                       eval_every=200, eval_batches=8, log_every=10, checkpoint_every=200, keep=2,
-                      sample_tokens=300)
+                      sample_tokens=250)
   return RunConfig(model=model, data=data, train=train, mesh=MeshConfig(strategy="dp"))
 
 
 def smoke() -> RunConfig:
   cfg = default()
-  return RunConfig(model=cfg.model, data=DataConfig(source="stdlib", seq_len=64, batch_size=8,
-                                                    max_files=40),
+  model = dataclasses.replace(cfg.model, n_layers=2, max_seq_len=128)
+  return RunConfig(model=model, data=DataConfig(source="stdlib", seq_len=64, batch_size=8,
+                                                max_files=40),
                    train=TrainConfig(steps=40, lr=3e-3, warmup_steps=5, eval_every=20,
                                      eval_batches=2, log_every=5, checkpoint_every=20, keep=2,
                                      sample_tokens=64),

@@ -103,7 +103,13 @@ def _jit_steps(cfg: RunConfig, setup: MeshSetup):
   return train_step, eval_step, diag
 
 
-def evaluate(eval_step, params, batches: list[dict], bytes_per_token: float | None) -> dict:
+def count_bytes(tokenizer, host_batches: list[dict]) -> int:
+  """Text bytes the eval targets stand for (separators excluded): the bits-per-byte denominator."""
+  return int(sum(tokenizer.num_bytes(np.asarray(b["targets"])) for b in host_batches))
+
+
+def evaluate(eval_step, params, batches: list[dict], n_bytes: int | None = None) -> dict:
+  """Mean loss per token over `batches`; bits per byte = total nats / (ln 2 * n_bytes)."""
   tot, n = 0.0, 0.0
   for b in batches:
     out = eval_step(params, b)
@@ -111,8 +117,8 @@ def evaluate(eval_step, params, batches: list[dict], bytes_per_token: float | No
     n += float(out["tokens"])
   loss = tot / max(n, 1.0)
   res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n}
-  if bytes_per_token:
-    res["bits_per_byte"] = loss / LN2 / bytes_per_token
+  if n_bytes:
+    res["bits_per_byte"] = tot / LN2 / (n_bytes * jax.process_count())
   return res
 
 
@@ -137,7 +143,9 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
   mode = rd.check_run_dir(run_dir, cfg, resume=resume, force=force)
   setup = make_setup(cfg, devices)
   tokenizer, data_iter, eval_host = open_data(cfg)
+  # Train records: bits per byte ~ loss / ln 2 for bytes (document separators count as tokens).
   bytes_per_token = 1.0 if cfg.data.tokenizer == "byte" else None
+  eval_bytes = count_bytes(tokenizer, eval_host)
 
   # 2. Now the run directory.
   main = shd.is_main_process()
@@ -189,6 +197,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
   pending: list[tuple[int, Any]] = []
   window: list[dict] = []
   window_t0 = time.perf_counter()
+  timed = [0]                      # steps timed in the current window
   last_eval: dict = {}
   last_saved = ckpt.latest_step()
 
@@ -204,23 +213,27 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
             f"checkpointing this state (last checkpoint: "
             f"{'none' if last_saved is None else 'step ' + str(last_saved)})")
       window.append(m)
+      timed[0] += 1
+      if s == start + 1:            # the first step includes compilation: time from its end
+        window_t0, timed[0] = time.perf_counter(), 0
       if s % t.log_every == 0 or s == t.steps:
         dt = time.perf_counter() - window_t0
         rec = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "z_loss", "grad_norm")}
         rec.update(lr=m["lr"], param_norm=m["param_norm"], grad_norm_layers=m["grad_norm_layers"],
-                   perplexity=math.exp(min(rec["loss"], 700.0)),
-                   step_time_s=dt / len(window), tokens_per_s=tokens_per_step * len(window) / dt)
+                   perplexity=math.exp(min(rec["loss"], 700.0)))
+        if timed[0]:
+          rec.update(step_time_s=dt / timed[0], tokens_per_s=tokens_per_step * timed[0] / dt)
         if bytes_per_token:
           rec["bits_per_byte"] = rec["loss"] / LN2 / bytes_per_token
         writer.write(s, "train", rec)
         if bar is not None:
-          bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+          bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec.get('tokens_per_s', 0):.0f}")
         window.clear()
-        window_t0 = time.perf_counter()
+        window_t0, timed[0] = time.perf_counter(), 0
 
   def run_eval(step: int):
     nonlocal last_eval
-    last_eval = evaluate(eval_step, state.params, eval_batches, bytes_per_token)
+    last_eval = evaluate(eval_step, state.params, eval_batches, eval_bytes)
     writer.write(step, "eval", last_eval)
     if diag_fn is not None:
       d = _host(diag_fn(state.params, eval_batches[0]))

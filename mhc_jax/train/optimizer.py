@@ -1,13 +1,11 @@
 """Optax AdamW with warmup + cosine / paper step schedule, global-norm clipping and a weight-decay mask.
 
-Weight-decay mask (decay only matrices that map features): no decay on
-  * norm scales (`scale`), biases (`bias`, `b`, `b_pre`, `b_post`, `b_res`),
-  * connection gates `alpha` and the HC/mHC projection `phi`/`theta_*`? -- see `NO_DECAY` below,
-  * the token embedding.
-The mHC paper decays its projections like other weights, so `phi` and `theta_*` *are* decayed here; only
-their biases and gates are not. The embedding is not decayed: with tied embeddings it is also the output
-head, and decaying rows of rare bytes toward zero biases the softmax (the common choice in GPT-style LMs,
-e.g. nanoGPT / MaxText's `embedding` exclusion).
+Weight-decay mask: decay the matrices that map features (attention, MLP, and the connections' dynamic
+projections `phi` / `theta_*`, as the HC paper decays its dynamic components); no decay on norm scales
+(`scale`), biases and the static connection parts (`bias`, `b`, `b_pre`, `b_post`, `b_res`; HC: "the
+static component does not utilize weight decay"), the gates `alpha`, and
+the token embedding. The embedding is exempt because with tied embeddings it is also the output head:
+decay pulls the rows of rare bytes toward zero and biases the softmax (the usual GPT-style choice).
 """
 from __future__ import annotations
 
