@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from mhc_jax import sharding as shd
 from mhc_jax.config import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
   t.add_argument("--force", action="store_true", help="delete the run in --run-dir and start over")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
+  shd.add_distributed_args(t)   # multi-host: jax.distributed flags (mhc_jax.sharding)
 
   e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
   e.add_argument("--run-dir", required=True)
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
+      shd.initialize_from_args(args)   # before any device use; no-op on a single host
       return cmd_train(args)
     if args.command == "eval":
       return cmd_eval(args)

@@ -202,7 +202,15 @@ def sharding_context(mesh: Mesh, mesh_cfg: MeshConfig, constrain_params: bool = 
 def param_shardings(abstract_params: Any, mesh: Mesh, mesh_cfg: MeshConfig) -> Any:
   """NamedShardings for a (boxed, e.g. from `jax.eval_shape(model.init, ...)`) variable tree."""
   import flax.linen as nn
-  specs = nn.get_partition_spec(abstract_params)
+
+  def dedupe(spec):   # ("mhc", "mhc") -> ("mhc", None): Flax refuses a name twice in one array
+    seen, out = set(), []
+    for name in spec:
+      out.append(None if name in seen else name)
+      seen.add(name)
+    return P(*out)
+  specs = jax.tree.map(dedupe, nn.get_partition_spec(abstract_params),
+                       is_leaf=lambda x: isinstance(x, P))
   return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(mesh_cfg))
 
 
@@ -355,3 +363,29 @@ def global_batch_array(local_batch: np.ndarray, mesh: Mesh, mesh_cfg: MeshConfig
   sharding = batch_sharding(mesh, mesh_cfg)
   global_shape = (local_batch.shape[0] * jax.process_count(), *local_batch.shape[1:])
   return jax.make_array_from_process_local_data(sharding, local_batch, global_shape)
+
+
+def add_distributed_args(parser) -> None:
+  """`--coordinator-address HOST:PORT --num-processes N --process-id I` (else the environment:
+  `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`, SLURM, Cloud TPU, Open MPI)."""
+  g = parser.add_argument_group("multi-host (jax.distributed)")
+  g.add_argument("--coordinator-address", default=None, help="process 0's HOST:PORT")
+  g.add_argument("--num-processes", type=int, default=None)
+  g.add_argument("--process-id", type=int, default=None)
+
+
+def initialize_from_args(args) -> bool:
+  """`maybe_initialize_distributed` from parsed `add_distributed_args` flags or the environment."""
+  env = os.environ
+  addr = getattr(args, "coordinator_address", None)
+  nproc = getattr(args, "num_processes", None)
+  pid = getattr(args, "process_id", None)
+  if addr is None and env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    addr = env["JAX_COORDINATOR_ADDRESS"]
+    nproc = int(env["JAX_NUM_PROCESSES"])
+    pid = int(env.get("JAX_PROCESS_ID", "-1"))
+  if addr is not None:
+    if nproc is None or pid is None or not 0 <= pid < nproc:
+      raise ConfigError(f"--process-id={pid!r} is not allowed: with --coordinator-address give "
+                        "--num-processes N and --process-id in [0, N)")
+  return maybe_initialize_distributed(addr, nproc, pid)

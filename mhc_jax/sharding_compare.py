@@ -44,6 +44,7 @@ _CALL_RE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_
                       r"%?([\w.\-]+)")
 _BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CHANNEL_RE = re.compile(r"\bchannel_id=(\d+)")
 
 
 def _array_bytes(type_text: str) -> list[int]:
@@ -120,15 +121,24 @@ def collective_stats(hlo: str) -> dict[str, dict[str, float]]:
   for name in reversed(order):                   # callers before callees
     for callee, factor in edges.get(name, ()):
       mult[callee] += mult[name] * factor
+  seen_channels = set()
   for name, lines in comps.items():
     if not mult.get(name):
       continue
     for line in lines:
       op = _OP_RE.search(line)
-      if op:
-        kind, is_async = op.group(2), bool(op.group(3))
-        stats[kind]["count"] += mult[name]
-        stats[kind]["bytes"] += mult[name] * _result_bytes(kind, is_async, op.group(1))
+      if not op:
+        continue
+      channel = _CHANNEL_RE.search(line)
+      if channel:                # TPU clones one collective into several fusions: count it once
+        if channel.group(1) in seen_channels:
+          continue
+        seen_channels.add(channel.group(1))
+      kind, is_async = op.group(2), bool(op.group(3))
+      if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"  # TPU lowers reduce-scatter as a fused all-reduce + slice
+      stats[kind]["count"] += mult[name]
+      stats[kind]["bytes"] += mult[name] * _result_bytes(kind, is_async, op.group(1))
   return stats
 
 
