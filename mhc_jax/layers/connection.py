@@ -11,6 +11,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mhc_jax import ops
 from mhc_jax.config import ConnectionConfig
@@ -18,6 +19,10 @@ from mhc_jax.layers import init as cinit
 from mhc_jax.layers.norm import RMSNorm
 
 _MHC = ("mhc", "mhc")
+# `jax.checkpoint` names for remat="mhc_paper" (Eq. 20): kept per sublayer, everything else in the
+# connection (stream states, H_pre x, the normalised branch input) is recomputed in the backward pass.
+BRANCH_OUT = "branch_out"      # y = F(RMSNorm(H_pre x)), [B, T, C]
+COEFFS = "mhc_coeffs"          # h_pre [B, T, n], h_post [B, T, n], h_res [B, T, n, n]
 
 
 def _param(module: nn.Module, name: str, fn, shape, axes):
@@ -39,15 +44,48 @@ class Connection(nn.Module):
     cfg = self.cfg
     norm = RMSNorm(self.norm_eps, self.dtype, name="norm")
     if cfg.kind == "residual":
-      y = branch(norm(x[..., 0, :]))
+      y = checkpoint_name(branch(norm(x[..., 0, :])), BRANCH_OUT)
       return x + y[..., None, :].astype(x.dtype)
-    h_pre, h_post, h_res = self.mappings(x, site)
+    impl = self._kernel_impl(x)
+    if impl is not None:      # fused Pallas kernels (mhc_jax.kernels): u and the mappings in one pass
+      u, *hs = self._kernel_pre(x, site, impl)
+      h_pre, h_post, h_res = (checkpoint_name(h, COEFFS) for h in hs)
+    else:
+      h_pre, h_post, h_res = (checkpoint_name(h, COEFFS) for h in self.mappings(x, site))
     for name, value in (("h_pre", h_pre), ("h_post", h_post), ("h_res", h_res)):
       self.sow("intermediates", name, value)
     acc = jnp.float32 if cfg.mix_dtype == "float32" else x.dtype
-    u = ops.stream_pre(x, h_pre, acc_dtype=acc)
-    y = branch(norm(u))
+    if impl is None:
+      u = ops.stream_pre(x, h_pre, acc_dtype=acc)
+    y = checkpoint_name(branch(norm(u)), BRANCH_OUT)
+    if impl is not None:
+      from mhc_jax import kernels
+      return kernels.stream_post(x, y.astype(x.dtype), h_res, h_post, implementation=impl)
     return ops.stream_post(x, y.astype(x.dtype), h_res, h_post, acc_dtype=acc)
+
+  def _kernel_impl(self, x):
+    """`cfg.implementation` for the kernels, or None for the ops path (xla; HC; auto fallback)."""
+    cfg = self.cfg
+    if cfg.kind not in ("mhc", "mhc_lite") or cfg.implementation == "xla":
+      return None
+    from mhc_jax import kernels
+    from mhc_jax.config import ConfigError
+    if cfg.mix_dtype != "float32":
+      if cfg.implementation == "auto":
+        return None
+      raise ConfigError(f"connection.implementation={cfg.implementation!r} needs "
+                        f"connection.mix_dtype='float32' (kernels mix in float32), got "
+                        f"{cfg.mix_dtype!r}")
+    resolved = kernels.resolve(cfg.implementation, x, cfg.kind, "connection.implementation")
+    return None if resolved == "xla" else ("interpret" if resolved == "interpret" else "pallas")
+
+  def _kernel_pre(self, x, site, impl):
+    from mhc_jax import kernels
+    cfg = self.cfg
+    n, c = x.shape[-2:]
+    return kernels.mhc_pre(x, self._mhc_params(n, c, site), kind=cfg.kind,
+                           sinkhorn_iters=cfg.sinkhorn_iters, sinkhorn_eps=cfg.sinkhorn_eps,
+                           norm_eps=cfg.norm_eps, pre_eps=cfg.pre_eps, implementation=impl)
 
   def mappings(self, x, site):
     """`(h_pre, h_post, h_res)` for this site's parameters, float32."""
@@ -56,8 +94,18 @@ class Connection(nn.Module):
     if cfg.kind == "hc":
       return ops.hc_mappings(x, self._hc_params(n, c, site), norm_eps=cfg.norm_eps)
     lite = cfg.kind == "mhc_lite"
+    params = self._mhc_params(n, c, site)
+    if lite:
+      return ops.mhc_lite_mappings(x, params, norm_eps=cfg.norm_eps, pre_eps=cfg.pre_eps)
+    return ops.mhc_mappings(x, params, sinkhorn_iters=cfg.sinkhorn_iters,
+                            sinkhorn_eps=cfg.sinkhorn_eps, norm_eps=cfg.norm_eps,
+                            pre_eps=cfg.pre_eps)
+
+  def _mhc_params(self, n, c, site):
+    cfg = self.cfg
+    lite = cfg.kind == "mhc_lite"
     width = ops.mhc_lite_width(n) if lite else ops.mhc_width(n)
-    params = {
+    return {
         "phi": _param(self, "phi", lambda k, s, d: cinit.mhc_phi(cfg.init, k, s), (n * c, width),
                       _MHC),
         "b": _param(self, "b", lambda k, s, d: cinit.mhc_bias(cfg.init, n, site, lite), (width,),
@@ -65,11 +113,6 @@ class Connection(nn.Module):
         "alpha": _param(self, "alpha", lambda k, s, d: cinit.mhc_alpha(cfg.init, cfg.gate_init),
                         (3,), ("mhc",)),
     }
-    if lite:
-      return ops.mhc_lite_mappings(x, params, norm_eps=cfg.norm_eps, pre_eps=cfg.pre_eps)
-    return ops.mhc_mappings(x, params, sinkhorn_iters=cfg.sinkhorn_iters,
-                            sinkhorn_eps=cfg.sinkhorn_eps, norm_eps=cfg.norm_eps,
-                            pre_eps=cfg.pre_eps)
 
   def _hc_params(self, n, c, site):
     cfg = self.cfg
