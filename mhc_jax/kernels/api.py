@@ -135,6 +135,5 @@ def stream_post(x: jax.Array, y: jax.Array, h_res: jax.Array, h_post: jax.Array,
   for d in lead:
     t *= d
   cfg = launch.make_cfg(impl, n, c, x.dtype, t, bt=block_tokens, max_chunk=max_chunk)
-  out = fused_post(cfg, x.reshape(t, n * c), y.reshape(t, c).astype(x.dtype),
-                   pack_post(h_res, h_post))
+  out = fused_post(cfg, x.reshape(t, n * c), y.reshape(t, c), pack_post(h_res, h_post))
   return out.reshape(x.shape)
