@@ -133,7 +133,7 @@ def _coerce(field: str, value: Any, hint) -> Any:
     return from_dict(hint, value, prefix=field + ".")
   if origin in (typing.Union, types.UnionType):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if value is None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
       return None
     return _coerce(field, value, args[0])
   if origin is tuple or hint is tuple:
