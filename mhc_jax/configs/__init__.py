@@ -15,13 +15,14 @@ from mhc_jax.train.config import RunConfig, TrainConfig
 
 
 def default() -> RunConfig:
-  # ~1M params; one step (16 x 128 tokens) costs ~0.7 s of CPU time on this 2-core machine, so 400
-  # steps fit the ~5 minute budget with compilation, evals, sampling and the plot.
+  # ~1M params; one step (16 x 128 tokens) costs ~0.7 s of CPU time on a 2-core machine
+  # (experiments/results/train_step_cost.json), so 300 steps (<= 3.5 min even single-threaded) fit the
+  # ~5 minute budget with imports, corpus build, compilation, evals, sampling and the plot.
   model = ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=256,
                       dtype="auto", connection=ConnectionConfig(kind="mhc", n_streams=4))
   data = DataConfig(source="stdlib", seq_len=128, batch_size=16)
-  train = TrainConfig(steps=400, lr=3e-3, schedule="cosine", warmup_steps=40, weight_decay=0.1,
-                      eval_every=200, eval_batches=8, log_every=10, checkpoint_every=200, keep=2,
+  train = TrainConfig(steps=300, lr=3e-3, schedule="cosine", warmup_steps=30, weight_decay=0.1,
+                      eval_every=150, eval_batches=8, log_every=10, checkpoint_every=150, keep=2,
                       sample_tokens=250)
   return RunConfig(model=model, data=data, train=train, mesh=MeshConfig(strategy="dp"))
 
