@@ -102,10 +102,13 @@ def mhc_pre(x: jax.Array, params: Mapping[str, jax.Array], *, kind: str = "mhc",
   cfg = launch.make_cfg(impl, n, c, x.dtype, t, spec=spec, bt=block_tokens, max_chunk=max_chunk,
                         bf16_passes=bf16_passes)
   u, h = fused_pre(cfg, x.reshape(t, n * c), params["phi"], params["b"], params["alpha"])
-  h_pre = h[:, :n].reshape(*lead, n)
-  h_post = h[:, n:2 * n].reshape(*lead, n)
-  h_res = h[:, 2 * n:2 * n + n * n].reshape(*lead, n, n)
-  return u.reshape(*lead, c), h_pre, h_post, h_res
+  return (u.reshape(*lead, c),) + _split_h(h, lead, n)
+
+
+def _split_h(h, lead, n):
+  """Packed `H [T, W]` -> `(h_pre [..., n], h_post [..., n], h_res [..., n, n])`."""
+  return (h[:, :n].reshape(*lead, n), h[:, n:2 * n].reshape(*lead, n),
+          h[:, 2 * n:2 * n + n * n].reshape(*lead, n, n))
 
 
 def pack_post(h_res: jax.Array, h_post: jax.Array) -> jax.Array:

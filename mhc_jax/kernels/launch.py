@@ -31,6 +31,8 @@ class KernelCfg:
   max_chunk: int | None = None
   bf16_passes: int = 3
   spec: MapSpec | None = None     # mapping (pre kernels only)
+  norm_count: int = 0             # features in the RMS mean when x is a feature shard (0: n*c)
+  dpre_given: bool = False        # pre backward: dH already holds <du, x[j]> (feature-sharded path)
 
   @property
   def nc(self) -> int:

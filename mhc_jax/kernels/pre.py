@@ -29,14 +29,25 @@ def _xload(cfg, ref, j, o, s):
   return ref[:, j * cfg.c + o:j * cfg.c + o + s]
 
 
-def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref):
-  spec = cfg.spec
+def stats(cfg, x_ref, phi_ref):
+  """`(proj [bt, W], sumsq [bt, 1])` of this block's features (all of them, or one shard's)."""
   ch = block.chunks(cfg.c, cfg.max_chunk)
   pieces = [(j, o, s) for j in range(cfg.n) for o, s in ch]
-  proj, ss = project([_xload(cfg, x_ref, j, o, s) for j, o, s in pieces],
-                     [phi_ref[j * cfg.c + o:j * cfg.c + o + s, :] for j, o, s in pieces],
-                     cfg.bf16_passes)
-  r = jax.lax.rsqrt(ss * (1.0 / cfg.nc) + spec.norm_eps)
+  return project([_xload(cfg, x_ref, j, o, s) for j, o, s in pieces],
+                 [phi_ref[j * cfg.c + o:j * cfg.c + o + s, :] for j, o, s in pieces],
+                 cfg.bf16_passes)
+
+
+def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_refs=None):
+  """Everything up to the mapping. `stat_refs`: precomputed `(proj, sumsq)` (feature-sharded x,
+  after the psum) instead of computing them from this block."""
+  spec = cfg.spec
+  ch = block.chunks(cfg.c, cfg.max_chunk)
+  if stat_refs is None:
+    proj, ss = stats(cfg, x_ref, phi_ref)
+  else:
+    proj, ss = stat_refs[0][...], stat_refs[1][...]
+  r = jax.lax.rsqrt(ss * (1.0 / (cfg.norm_count or cfg.nc)) + spec.norm_eps)
   hh = proj * r
   prm = prm_ref[...]
   a_row, b_row = row(prm, 0), row(prm, 1)
@@ -46,8 +57,9 @@ def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref):
               fn=lambda z_: mapping(spec, z_, vecs, m0, m1))
 
 
-def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, u_ref, h_ref):
-  f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref)
+def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
+  *stat_refs, u_ref, h_ref = rest
+  f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_refs or None)
   h = f["fn"](f["z"])
   h_ref[...] = h
   hpre = [col(h, j) for j in range(cfg.n)]
@@ -58,15 +70,15 @@ def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, u_ref, h_re
     u_ref[:, o:o + s] = u.astype(u_ref.dtype)
 
 
-def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, du_ref, dh_ref,
-              dx_ref, dz_ref, hh_ref, dproj_ref):
-  f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref)
+def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
+  *stat_refs, du_ref, dh_ref, dx_ref, dz_ref, hh_ref, dproj_ref = rest
+  f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_refs or None)
   h, vjp = jax.vjp(f["fn"], f["z"])
   ch = f["ch"]
   dus = [du_ref[:, o:o + s].astype(jnp.float32) for o, s in ch]
   lanes = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
   dh = dh_ref[...]
-  for j in range(cfg.n):              # u = sum_j H_pre[j] x[j]  ->  dH_pre[j] += <du, x[j]>
+  for j in range(0 if cfg.dpre_given else cfg.n):   # u = sum_j H_pre[j] x[j]: dH_pre[j] += <du, x[j]>
     g = None
     for q, (o, s) in enumerate(ch):
       t = jnp.sum(dus[q] * _xload(cfg, x_ref, j, o, s).astype(jnp.float32), axis=1, keepdims=True)
@@ -77,7 +89,7 @@ def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, du_ref, dh_
   r = f["r"]
   dproj = dhh * r
   dr = jnp.sum(dhh * f["proj"], axis=1, keepdims=True)
-  dss2 = dr * (-1.0 / cfg.nc) * r * r * r          # d/dx of ss is 2x; r = (ss/N + eps)^-1/2
+  dss2 = dr * (-1.0 / (cfg.norm_count or cfg.nc)) * r * r * r          # d/dx of ss is 2x; r = (ss/N + eps)^-1/2
   for j in range(cfg.n):
     hpre = col(h, j)
     for q, (o, s) in enumerate(ch):
@@ -102,49 +114,66 @@ def _param_specs(cfg):
           launch.full_spec((w, w)), launch.full_spec((w, w))]
 
 
-def _pre_fwd_call(cfg, x2d, phi, b, alpha):
+def _stat_specs(cfg, stat):
+  return [] if stat is None else [launch.tokens_spec(cfg, cfg.spec.lanes), launch.tokens_spec(cfg, 1)]
+
+
+def pre_fwd_call(cfg, x2d, phi, b, alpha, stat=None):
+  """Forward kernel; `stat = (proj [T, W], sumsq [T, 1])` skips the projection (psum-ed stats)."""
   t = x2d.shape[0]
   w = cfg.spec.lanes
   return launch.call(
       cfg, functools.partial(_fwd_body, cfg), tokens=t,
-      in_specs=[launch.tokens_spec(cfg, cfg.nc)] + _param_specs(cfg),
+      in_specs=[launch.tokens_spec(cfg, cfg.nc)] + _param_specs(cfg) + _stat_specs(cfg, stat),
       out_specs=[launch.tokens_spec(cfg, cfg.c), launch.tokens_spec(cfg, w)],
       out_shape=[jax.ShapeDtypeStruct((t, cfg.c), x2d.dtype),
                  jax.ShapeDtypeStruct((t, w), jnp.float32)],
-  )(x2d, *_operands(cfg, phi, b, alpha))
+  )(x2d, *_operands(cfg, phi, b, alpha), *(stat or ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_pre(cfg: launch.KernelCfg, x2d, phi, b, alpha):
-  """`(u [T, C], H [T, W])` from `x2d [T, nC]` and packed `phi, b, alpha` (see module doc)."""
-  u, h = _pre_fwd_call(cfg, x2d, phi, b, alpha)
-  return u, h
-
-
-def _fwd(cfg, x2d, phi, b, alpha):
-  return _pre_fwd_call(cfg, x2d, phi, b, alpha), (x2d, phi, b, alpha)
-
-
-def _bwd(cfg, res, cts):
-  x2d, phi, b, alpha = res
-  du, dh = cts
+def pre_bwd_call(cfg, x2d, phi, b, alpha, du, dh, stat=None):
+  """Backward kernel: `(dx, dz, h, dproj)`; see the module docstring."""
   t = x2d.shape[0]
   w = cfg.spec.lanes
   f32 = jnp.float32
-  dx, dz, hh, dproj = launch.call(
+  return launch.call(
       cfg, functools.partial(_bwd_body, cfg), tokens=t,
-      in_specs=[launch.tokens_spec(cfg, cfg.nc)] + _param_specs(cfg)
+      in_specs=[launch.tokens_spec(cfg, cfg.nc)] + _param_specs(cfg) + _stat_specs(cfg, stat)
       + [launch.tokens_spec(cfg, cfg.c), launch.tokens_spec(cfg, w)],
       out_specs=[launch.tokens_spec(cfg, cfg.nc)] + [launch.tokens_spec(cfg, w)] * 3,
       out_shape=[jax.ShapeDtypeStruct((t, cfg.nc), x2d.dtype)]
       + [jax.ShapeDtypeStruct((t, w), f32)] * 3,
-  )(x2d, *_operands(cfg, phi, b, alpha), du.astype(x2d.dtype), dh.astype(f32))
+  )(x2d, *_operands(cfg, phi, b, alpha), *(stat or ()), du.astype(x2d.dtype), dh.astype(f32))
+
+
+def param_grads(cfg, x2d, dz, hh, dproj):
+  """`(dphi, db, dalpha)`: float32 reductions over tokens of the backward kernel's outputs."""
+  f32 = jnp.float32
   width = cfg.spec.width
   dphi = jnp.einsum("tk,tw->kw", x2d.astype(f32), dproj[:, :width],
                     precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
   db = jnp.sum(dz[:, :width], axis=0)
   vecs, _ = block.constants(cfg.spec)
   dalpha = jnp.sum(dz * hh, axis=0) @ jnp.asarray(vecs[4:7].T)
+  return dphi, db, dalpha
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_pre(cfg: launch.KernelCfg, x2d, phi, b, alpha):
+  """`(u [T, C], H [T, W])` from `x2d [T, nC]` and packed `phi, b, alpha` (see module doc)."""
+  u, h = pre_fwd_call(cfg, x2d, phi, b, alpha)
+  return u, h
+
+
+def _fwd(cfg, x2d, phi, b, alpha):
+  return pre_fwd_call(cfg, x2d, phi, b, alpha), (x2d, phi, b, alpha)
+
+
+def _bwd(cfg, res, cts):
+  x2d, phi, b, alpha = res
+  du, dh = cts
+  dx, dz, hh, dproj = pre_bwd_call(cfg, x2d, phi, b, alpha, du, dh)
+  dphi, db, dalpha = param_grads(cfg, x2d, dz, hh, dproj)
   return dx, dphi.astype(phi.dtype), db.astype(b.dtype), dalpha.astype(alpha.dtype)
 
 

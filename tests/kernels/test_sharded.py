@@ -1,4 +1,7 @@
-"""Kernels inside shard_map on 8 fake CPU devices equal the unsharded results (values and grads)."""
+"""Kernels inside shard_map on 8 fake CPU devices equal the unsharded results (values and grads).
+
+Feature ("tensor") sharding of the pre kernel runs the stats kernel, a psum, and the finish kernel.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,4 +57,14 @@ def test_sharded_kernels_equal_unsharded(mesh, reference, x_spec):
   got = jax.jit(_loss(mhc_pre_sharded(mesh, x_spec, **KW),
                       stream_post_sharded(mesh, x_spec, implementation="interpret")))(x, params, y)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+def test_feature_sharded_pre_xla_path_equals_kernel(mesh, reference):
+  """`implementation="xla"` under feature sharding takes the psum-ed XLA mappings: same results."""
+  x, params, y = _data()
+  spec = P("data", None, None, "tensor")
+  got = jax.jit(_loss(mhc_pre_sharded(mesh, spec, sinkhorn_iters=3, implementation="xla"),
+                      stream_post_sharded(mesh, spec, implementation="xla")))(x, params, y)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
