@@ -55,3 +55,40 @@ def test_gpu_lowering_rejects_non_power_of_two_arrays():
                                                                                "gpu"))):
     with pytest.raises(Exception, match="power of 2"):
       jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu-aot]')")
+def test_tpu_sharded_connection_compiles(monkeypatch):
+  """Data x tensor (2 x 2) v5e mesh, features sharded: stats kernel + psum + finish kernel, post
+  kernel per shard, and all their backward kernels compile with Mosaic inside shard_map."""
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from mhc_jax.kernels import api
+  from mhc_jax.kernels.sharded import mhc_pre_sharded, stream_post_sharded
+  monkeypatch.setattr(api, "platform_backend", lambda: "tpu")
+  from jax.experimental import topologies
+  aot.tpu_device()                                       # sets ALLOW_MULTIPLE_LIBTPU_LOAD
+  topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
+                                      chip_config_name="default", chips_per_host_bounds=(2, 2, 1),
+                                      num_slices=1)
+  mesh = Mesh(np.array(topo.devices).reshape(2, 2), ("data", "tensor"))
+  b, t, n, c, w = 4, 64, 4, 512, 24
+  spec = P("data", None, None, "tensor")
+  pre = mhc_pre_sharded(mesh, spec, sinkhorn_iters=2, implementation="pallas")
+  post = stream_post_sharded(mesh, spec, implementation="pallas")
+
+  def loss(x, p):
+    u, _, h_post, h_res = pre(x, p)
+    return jnp.sum(post(x, u, h_res, h_post).astype(jnp.float32))
+
+  rep = NamedSharding(mesh, P())
+  x = jax.ShapeDtypeStruct((b, t, n, c), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+  p = {"phi": jax.ShapeDtypeStruct((n * c, w), jnp.float32, sharding=rep),
+       "b": jax.ShapeDtypeStruct((w,), jnp.float32, sharding=rep),
+       "alpha": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep)}
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, p).compile().as_text()
+  assert text.count("tpu_custom_call") >= 6 and "all-reduce" in text
