@@ -7,6 +7,7 @@
     mhc-jax plot RUN_DIR [RUN_DIR ...] [--out plot.png]
     mhc-jax show-config [--preset P] [--set ...]
     mhc-jax bench kernels ...          (mhc_jax.kernels.bench)
+    mhc-jax bench step ...             (mhc_jax.bench_step: train-step time/memory/MFU per connection)
     mhc-jax compare-sharding ...       (mhc_jax.sharding_compare)
 
 Bad input (unknown preset/key, wrong type, missing data, refused run directory, ...) prints one line
@@ -69,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
   c = sub.add_parser("show-config", help="print the resolved config as JSON")
   config_args(c)
 
-  b = sub.add_parser("bench", help="benchmarks: `bench kernels ...`")
-  b.add_argument("what", choices=("kernels",))
+  b = sub.add_parser("bench", help="benchmarks: `bench kernels ...`, `bench step ...`")
+  b.add_argument("what", choices=("kernels", "step"))
   b.add_argument("rest", nargs=argparse.REMAINDER)
   cs = sub.add_parser("compare-sharding", help="compare sharding strategies (memory, comms)")
   cs.add_argument("rest", nargs=argparse.REMAINDER)
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_plot(args)
     if args.command == "show-config":
       return cmd_show_config(args)
+    if args.command == "bench" and args.what == "step":
+      return _delegate("mhc_jax.bench_step", args.rest, "bench step")
     if args.command == "bench":
       return _delegate("mhc_jax.kernels.bench", args.rest, "bench kernels")
     if args.command == "compare-sharding":

@@ -37,7 +37,7 @@ KINDS = ("residual", "hc", "mhc", "mhc_lite")
 INITS = ("hc_like", "uniform", "identity")
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret")
 DTYPES = ("auto", "float32", "bfloat16")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "mhc_paper")
 COLLAPSE = ("sum", "head")
 
 
@@ -118,6 +118,7 @@ class ModelConfig:
   dtype: str = "auto"           # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
   scan_layers: bool = True
   remat: str = "none"
+  remat_group: int = 0          # remat="mhc_paper": blocks per recompute group; 0 = Eq. 20 optimum
   collapse: str = "sum"
   connection: ConnectionConfig = dataclasses.field(default_factory=ConnectionConfig)
 
@@ -138,6 +139,9 @@ class ModelConfig:
     check_float("model.init_std", self.init_std, 0.0, strict=True)
     check_choice("model.dtype", self.dtype, DTYPES)
     check_choice("model.remat", self.remat, REMAT)
+    check_int("model.remat_group", self.remat_group, 0)
+    if self.remat_group > self.n_layers:
+      fail("model.remat_group", self.remat_group, f"0 (auto) or at most model.n_layers={self.n_layers}")
     check_choice("model.collapse", self.collapse, COLLAPSE)
     if not isinstance(self.connection, ConnectionConfig):
       fail("model.connection", self.connection, "a ConnectionConfig")

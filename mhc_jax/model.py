@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,13 +15,46 @@ import jax.numpy as jnp
 from mhc_jax import ops
 from mhc_jax.config import ModelConfig, compute_dtype
 from mhc_jax.layers.block import STREAM_AXES, Block
-from mhc_jax.layers.connection import CollapseHead
+from mhc_jax.layers.connection import BRANCH_OUT, COEFFS, CollapseHead
 from mhc_jax.layers.norm import RMSNorm
 
 _REMAT_POLICIES = {
     "full": None,   # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # "mhc_paper" is not a per-block policy: see `mhc_paper_policy` and `LM._grouped_blocks`.
 }
+
+
+def mhc_paper_group(n_streams: int, n_layers: int) -> int:
+  """Blocks per recompute group for remat="mhc_paper" (mHC paper Eq. 20).
+
+  The paper's L counts mHC-wrapped layers, i.e. sublayers (attention and MLP each): S = 2L here.
+  Per token, a group of S_r sublayers stores its input streams (nC) and holds (n+2)C per sublayer
+  while it is recomputed, so we take the exact integer optimum over whole blocks g (S_r = 2g):
+      g* = argmin_g  n * ceil(L / g) + (n + 2) * 2g        (~ sqrt(nS/(n+2)) / 2 blocks)
+  """
+  cost = lambda g: n_streams * math.ceil(n_layers / g) + (n_streams + 2) * 2 * g  # noqa: E731
+  return min(range(1, n_layers + 1), key=cost)
+
+
+def mhc_paper_policy(n_streams: int):
+  """Saveable values inside a recompute group (Eq. 20 / Table 3 of the mHC paper).
+
+  Saved: each sublayer's branch output `y` and mapping coefficients (`checkpoint_name`s in
+  `layers/connection.py`), and every matmul output of the attention / MLP branches (so the backward
+  pass never recomputes them) and of the small mapping projection `x phi`. Not saved: the stream
+  states, `H_pre x` and `RMSNorm(H_pre x)`, i.e. everything else; the stream-mixing contractions
+  (batched dots contracting only over the n-sized stream axis) are excluded from the saved matmuls.
+  """
+  names = jax.checkpoint_policies.save_only_these_names(BRANCH_OUT, COEFFS)
+
+  def policy(prim, *avals, **params):
+    if prim is jax.lax.dot_general_p:
+      (lhs_c, _), (lhs_b, _) = params["dimension_numbers"]
+      stream_mix = bool(lhs_b) and all(avals[0].shape[d] == n_streams for d in lhs_c)
+      return not stream_mix
+    return names(prim, *avals, **params)
+  return policy
 
 
 class LM(nn.Module):
@@ -38,9 +73,13 @@ class LM(nn.Module):
     x_BTnC = nn.with_logical_constraint(ops.expand_streams(h_BTC, cfg.connection.n), STREAM_AXES)
 
     block = Block
-    if cfg.remat != "none":
+    if cfg.remat in _REMAT_POLICIES:
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    grouped = (cfg.remat == "mhc_paper" and not self.decode and not self.is_initializing()
+               and not self.is_mutable_collection("intermediates"))
+    if grouped:   # training / plain forward: parameters exist, run the recompute groups
+      x_BTnC = self._grouped_blocks(x_BTnC, dtype)
+    elif cfg.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                       split_rngs={"params": True}, in_axes=0, length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -62,6 +101,50 @@ class LM(nn.Module):
                             nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
                         name="lm_head")(h_BTC)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def _grouped_blocks(self, x_BTnC, dtype):
+    """remat="mhc_paper": the L blocks run in recompute groups of g blocks (`mhc_paper_group`), each
+    a `jax.checkpoint` with `mhc_paper_policy`; the streams are stored only at group boundaries.
+
+    Uses the same parameters as the plain stack (`blocks/...` stacked over L, or `block_<l>`);
+    with `scan_layers` the full groups run in a `lax.scan`, a shorter last group after it.
+    """
+    cfg = self.cfg
+    n_layers = cfg.n_layers
+    g = cfg.remat_group or mhc_paper_group(cfg.connection.n, n_layers)
+    policy = mhc_paper_policy(cfg.connection.n)
+    params = nn.meta.unbox(self.variables["params"])
+
+    def run_group(x, layer_params, layers):
+      for p, layer in zip(layer_params, layers):
+        x, _ = Block(cfg, dtype, False).apply({"params": p}, x, layer)
+      return x
+
+    if not cfg.scan_layers:
+      for start in range(0, n_layers, g):
+        layers = list(range(start, min(start + g, n_layers)))
+        group = jax.checkpoint(run_group, policy=policy, static_argnums=(2,))
+        x_BTnC = group(x_BTnC, [params[f"block_{l}"] for l in layers], tuple(layers))
+      return x_BTnC
+
+    stacked = params["blocks"]
+    n_full = n_layers // g
+
+    def take(tree, i):
+      return jax.tree.map(lambda a: a[i], tree)
+
+    def scanned_group(x, p_group):   # p_group: leaves [g, ...]
+      return run_group(x, [take(p_group, i) for i in range(g)], [0] * g), None
+
+    if n_full:
+      full = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), stacked)
+      x_BTnC, _ = jax.lax.scan(jax.checkpoint(scanned_group, policy=policy, prevent_cse=False),
+                               x_BTnC, full)
+    rest = list(range(n_full * g, n_layers))
+    if rest:
+      group = jax.checkpoint(run_group, policy=policy, static_argnums=(2,))
+      x_BTnC = group(x_BTnC, [take(stacked, l) for l in rest], tuple(rest))
+    return x_BTnC
 
 
 def collect_mappings(intermediates, cfg: ModelConfig) -> dict[str, jax.Array]:
