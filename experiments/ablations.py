@@ -23,15 +23,15 @@ import json
 from experiments import common
 from experiments import lm_common as lc
 
-GROUPS = {
-    "n_streams": [("mhc n=1", dict(kind="mhc", n=1)), ("mhc n=2", dict(kind="mhc", n=2)),
-                  ("mhc n=4", dict(kind="mhc", n=4)), ("mhc n=8", dict(kind="mhc", n=8))],
-    "sinkhorn_iters": [("mhc t=1", dict(kind="mhc", sinkhorn_iters=1)),
-                       ("mhc t=5", dict(kind="mhc", sinkhorn_iters=5)),
-                       ("mhc n=4", dict(kind="mhc"))],
+GROUPS = {   # most informative first: the JSON is saved after every run
     "init": [("mhc n=4", dict(kind="mhc")), ("mhc init=uniform", dict(kind="mhc", init="uniform")),
              ("mhc init=identity", dict(kind="mhc", init="identity"))],
     "hc_dynamic": [("hc static", dict(kind="hc", dynamic=False)), ("hc dynamic", dict(kind="hc"))],
+    "sinkhorn_iters": [("mhc t=1", dict(kind="mhc", sinkhorn_iters=1)),
+                       ("mhc t=5", dict(kind="mhc", sinkhorn_iters=5)),
+                       ("mhc n=4", dict(kind="mhc"))],
+    "n_streams": [("mhc n=1", dict(kind="mhc", n=1)), ("mhc n=2", dict(kind="mhc", n=2)),
+                  ("mhc n=4", dict(kind="mhc", n=4)), ("mhc n=8", dict(kind="mhc", n=8))],
 }
 REUSE = {"mhc n=4": "mhc", "hc dynamic": "hc"}
 ABLATION_SCALE = dataclasses.replace(lc.Scale(), steps=300, warmup_steps=20)
