@@ -61,8 +61,9 @@ def block(p, x):
 
 
 def make_ours(b, t, c, n, branch, iters=20):
-  conn = Connection(ConnectionConfig(kind="mhc", n_streams=n, sinkhorn_iters=iters), 1e-6,
-                    jnp.float32)
+  cc = (ConnectionConfig(kind="residual", n_streams=1) if n == 1 else
+        ConnectionConfig(kind="mhc", n_streams=n, sinkhorn_iters=iters))
+  conn = Connection(cc, 1e-6, jnp.float32)
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (b, t, n, c), jnp.float32)
   cot = jax.random.normal(jax.random.PRNGKey(1), (b, t, n, c), jnp.float32)
@@ -110,29 +111,33 @@ class Peer:
     self.proc.wait(timeout=60)
 
 
-def run(shapes, branches, modes, rounds, n=4, threads=2, iters=20, log=print):
+def run(shapes, branches, modes, rounds, n_streams=4, threads=2, iters=20, baseline=False, log=print):
+  """`baseline`: also time the block with a plain residual (n = 1) on both sides, so the mHC
+  overhead over the branch can be read per framework."""
   peer = Peer(threads)
   versions = peer.ask(cmd="versions")
   rows = []
+  runs = [(s, br, n_streams) for s in shapes for br in branches]
+  if baseline:
+    runs += [(s, "block", 1) for s in shapes]
   try:
-    for (b, t, c) in shapes:
-      for branch in branches:
-        ours = make_ours(b, t, c, n, branch, iters)
-        for mode in modes:
-          key = f"{b}-{t}-{c}-{branch}-{mode}"
-          setup = peer.ask(cmd="setup", key=key, B=b, T=t, C=c, n=n, branch=branch, mode=mode,
-                           iters=iters)["setup_s"]
-          t_ours, t_peer = [], []
-          for _ in range(rounds):                     # alternate, one step each
-            t_ours.append(ours())
-            t_peer.append(peer.ask(cmd="step", key=key)["s"])
-          row = dict(B=b, T=t, C=c, n=n, branch=branch, peer_mode=mode, rounds=rounds,
-                     ours_median_s=statistics.median(t_ours), peer_median_s=statistics.median(t_peer),
-                     ours_s=t_ours, peer_s=t_peer, peer_setup_s=setup)
-          row["ratio_peer_over_ours"] = row["peer_median_s"] / row["ours_median_s"]
-          log(f"B={b} T={t} C={c} {branch:8s} peer {mode:7s}: ours {row['ours_median_s']*1e3:9.2f} ms"
-              f"  peer {row['peer_median_s']*1e3:9.2f} ms  ratio {row['ratio_peer_over_ours']:.2f}x")
-          rows.append(row)
+    for (b, t, c), branch, n in runs:
+      ours = make_ours(b, t, c, n, branch, iters)
+      for mode in modes:
+        key = f"{b}-{t}-{c}-{n}-{branch}-{mode}"
+        setup = peer.ask(cmd="setup", key=key, B=b, T=t, C=c, n=n, branch=branch, mode=mode,
+                         iters=iters)["setup_s"]
+        t_ours, t_peer = [], []
+        for _ in range(rounds):                     # alternate, one step each
+          t_ours.append(ours())
+          t_peer.append(peer.ask(cmd="step", key=key)["s"])
+        row = dict(B=b, T=t, C=c, n=n, branch=branch, peer_mode=mode, rounds=rounds,
+                   ours_median_s=statistics.median(t_ours), peer_median_s=statistics.median(t_peer),
+                   ours_s=t_ours, peer_s=t_peer, peer_setup_s=setup)
+        row["ratio_peer_over_ours"] = row["peer_median_s"] / row["ours_median_s"]
+        log(f"B={b} T={t} C={c} n={n} {branch:8s} peer {mode:7s}: "
+            f"ours {row['ours_median_s']*1e3:9.2f} ms  peer {row['peer_median_s']*1e3:9.2f} ms  ratio {row['ratio_peer_over_ours']:.2f}x")
+        rows.append(row)
   finally:
     peer.close()
   return {
@@ -141,7 +146,8 @@ def run(shapes, branches, modes, rounds, n=4, threads=2, iters=20, log=print):
       "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
                 f"{threads} torch threads; machine shared with other jobs)",
       "jax": jax.__version__, "jax_backend": jax.default_backend(), "peer_versions": versions,
-      "n_streams": n, "sinkhorn_iters": iters, "dtype": "float32",
+      "n_streams": n_streams, "sinkhorn_iters": iters,
+      "rows_with_n_1": "plain residual baseline x + branch(norm(x)) (ours) / x + branch(x) (peer), no mHC", "dtype": "float32",
       "method": "alternating single steps after 2 warm-up steps each; medians; ratio = peer / ours",
       "math_differences": __doc__.split("Math differences (noted in the results): ")[1].strip(),
       "rows": rows,
@@ -155,12 +161,18 @@ def main(argv=None):
   ap.add_argument("--modes", default="eager,compile")
   ap.add_argument("--branches", default="identity,block")
   ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--baseline", action="store_true",
+                  help="also time the block with a plain residual (n=1) on both sides")
+  ap.add_argument("--shapes", default=None, help="e.g. 4x512x512,8x1024x1024 (BxTxC)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   shapes = SMOKE_SHAPES if args.smoke else FULL_SHAPES
+  if args.shapes:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   modes = ["eager"] if args.smoke else args.modes.split(",")
   rounds = 2 if args.smoke else args.rounds
-  res = run(shapes, args.branches.split(","), modes, rounds, threads=args.threads)
+  res = run(shapes, [b for b in args.branches.split(",") if b], modes, rounds, threads=args.threads,
+            baseline=args.baseline)
   out = args.out or os.path.join(ROOT, "experiments", "results",
                                  "peers_smoke.json" if args.smoke else "peers_cpu.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -6,7 +6,7 @@ JSON object per line, so the two frameworks' runs alternate in one process pair:
     {"cmd": "step", "key": k}    -> {"ok": true, "s": seconds for one forward+backward}
     {"cmd": "quit"}
 The module is `hyper_connections.mHC` (exported name; streams folded into the batch, `(b s) t d`),
-wrapping the branch; forward + backward of `sum(out * cot)` w.r.t. its parameters and the input.
+wrapping the branch (n = 1: a plain residual `x + branch(x)`, the baseline); forward + backward of `sum(out * cot)` w.r.t. its parameters and the input.
 """
 import json
 import sys
@@ -41,7 +41,10 @@ class Block(torch.nn.Module):
 def setup(msg):
   b, t, c, n = msg["B"], msg["T"], msg["C"], msg["n"]
   branch = torch.nn.Identity() if msg["branch"] == "identity" else Block(c)
-  hc = mHC(n, dim=c, branch=branch, layer_index=0, sinkhorn_iters=msg.get("iters", 20))
+  if n == 1:     # baseline: plain residual x + branch(x), no hyper-connection
+    hc = lambda x: x + branch(x)  # noqa: E731
+  else:
+    hc = mHC(n, dim=c, branch=branch, layer_index=0, sinkhorn_iters=msg.get("iters", 20))
   x = torch.randn(b * n, t, c, requires_grad=True)
   cot = torch.randn(b * n, t, c)
 

@@ -16,9 +16,10 @@ def test_peers_smoke(tmp_path):
     pytest.skip("peers comparison NOT RUN: " + msg)
   from experiments.peers import bench_peers
   out = tmp_path / "peers_smoke.json"
-  res = bench_peers.main(["--smoke", "--branches", "identity,block", "--out", str(out)])
+  res = bench_peers.main(["--smoke", "--branches", "identity,block", "--baseline", "--out", str(out)])
   saved = json.loads(out.read_text())
   assert saved["rows"] and saved == json.loads(json.dumps(res))
+  assert {(r["branch"], r["n"]) for r in saved["rows"]} == {("identity", 4), ("block", 4), ("block", 1)}
   for row in saved["rows"]:
     assert row["ours_median_s"] > 0 and row["peer_median_s"] > 0
     assert row["ratio_peer_over_ours"] > 0
