@@ -92,16 +92,25 @@ class Checkpointer:
     out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
     return out["state"], dict(out["meta"] or {})
 
-  def restore_latest(self, target, data_iter=None) -> tuple[Any, dict, int] | None:
-    """Newest restorable checkpoint as `(state, meta, step)`, or None when there is none."""
+  def restore_latest(self, target, data_iter=None, quarantine: bool = True
+                     ) -> tuple[Any, dict, int] | None:
+    """Newest restorable checkpoint as `(state, meta, step)`, or None when there is none.
+
+    Unusable ones are skipped with a warning; with `quarantine` (training) they are also moved aside
+    so the resumed run can write that step again."""
+    skip = self._quarantine if quarantine else self._warn
     for step in reversed(self.steps()):
       if not self._complete(step):
-        self._quarantine(step, "incomplete: missing " + "/".join(_REQUIRED))
+        skip(step, "incomplete: missing " + "/".join(_REQUIRED))
         continue
       try:
         state, meta = self.restore(step, target, data_iter)
       except Exception as e:  # noqa: BLE001 - any read/parse failure means: skip this one
-        self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        skip(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         continue
       return state, meta, step
     return None
+
+  def _warn(self, step: int, why: str):
+    log.warning("checkpoint step %d is unusable (%s); trying the previous one", step, why)
+    print(f"warning: checkpoint step {step} is unusable ({why}); skipped", flush=True)

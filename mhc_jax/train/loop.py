@@ -231,15 +231,19 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
         window.clear()
         window_t0, timed[0] = time.perf_counter(), 0
 
-  def run_eval(step: int):
-    nonlocal last_eval
-    last_eval = evaluate(eval_step, state.params, eval_batches, eval_bytes)
-    writer.write(step, "eval", last_eval)
+  def run_diag(step: int):
     if diag_fn is not None:
       d = _host(diag_fn(state.params, eval_batches[0]))
       rec = summarize_diagnostics(d)
       rec.update({f"{k}/sites": v for k, v in d.items()})
       writer.write(step, "diag", rec)
+
+  def run_eval(step: int):
+    nonlocal last_eval
+    last_eval = evaluate(eval_step, state.params, eval_batches, eval_bytes)
+    writer.write(step, "eval", last_eval)
+    if not t.diagnostics_every:
+      run_diag(step)
     msg = f"step {step}: eval loss {last_eval['loss']:.4f}"
     if "bits_per_byte" in last_eval:
       msg += f", {last_eval['bits_per_byte']:.3f} bits/byte"
@@ -255,6 +259,8 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
     with _Signals() as sig, setup.context():
       if start == 0 and t.eval_every:
         run_eval(0)
+      if start == 0 and t.diagnostics_every:
+        run_diag(0)
       while step < t.steps:
         batch = _to_device(next(data_iter), setup)
         state, m = train_step(state, batch)
@@ -269,6 +275,8 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
           drain(step)
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
           run_eval(step)
+        if t.diagnostics_every and step % t.diagnostics_every == 0:
+          run_diag(step)
         if stop:
           save(step, wait=True)
           raise Interrupted(sig.received, step, run_dir)
@@ -336,7 +344,7 @@ def load_checkpoint(run_dir: str, step: int | None = None, devices=None):
   try:
     target = abstract_target(setup, cfg)
     if step is None:
-      got = ckpt.restore_latest(target)
+      got = ckpt.restore_latest(target, quarantine=False)
       if got is None:
         raise ConfigError(f"--run-dir {run_dir!r} is not allowed: it holds no usable checkpoint")
       state, _, step = got
