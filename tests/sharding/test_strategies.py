@@ -58,7 +58,9 @@ def _compiled(mesh_cfg):
   mesh = S.make_mesh(mesh_cfg)
   p_sh = S.param_shardings(BOXED, mesh, mesh_cfg)
   b_sh = S.batch_sharding(mesh, mesh_cfg)
-  fn = jax.jit(_grad_fn, in_shardings=(p_sh, {"inputs": b_sh, "targets": b_sh}),
+  # a fresh function per layout: jit caches traces by function, and Flax's logical rules are not
+  # part of that key (the same function traced under other rules would reuse the first trace)
+  fn = jax.jit(lambda p, b: _grad_fn(p, b), in_shardings=(p_sh, {"inputs": b_sh, "targets": b_sh}),
                out_shardings=(S.replicated(mesh), p_sh))
   with S.sharding_context(mesh, mesh_cfg):
     compiled = fn.lower(PARAMS, BATCH).compile()
@@ -93,18 +95,27 @@ def test_strategy_matches_single_device(strategy, shape, stream, reference):
 
 
 def test_stream_sharding_constrains_the_residual_streams():
-  """feature / sequence layouts put a tensor-sharded `[B, T, n, C]` into the compiled program."""
-  texts = {}
-  for stream in ("replicated", "feature", "sequence"):
-    texts[stream] = _compiled(S.MeshConfig("tp", (2, 1, 4), stream))[2].as_text()
-  local = {k: (f"f32[4,16,4,8]" in t, f"f32[4,4,4,32]" in t) for k, t in texts.items()}
-  assert local["feature"][0] and not local["replicated"][0]   # B/2, T, n, C/4 blocks
-  assert local["sequence"][1] and not local["replicated"][1]  # B/2, T/4, n, C blocks
+  """The model's `[B, T, n, C]` constraints follow the stream sharding in the lowered program."""
+  want = {"replicated": '[{"data", "fsdp"}, {}, {}, {}]',
+          "feature": '[{"data", "fsdp"}, {}, {}, {"tensor"}]',
+          "sequence": '[{"data", "fsdp"}, {"tensor"}, {}, {}]'}
+  for stream, spec in want.items():
+    cfg = S.MeshConfig("tp", (2, 1, 4), stream)
+    mesh = S.make_mesh(cfg)
+    p_sh = S.param_shardings(BOXED, mesh, cfg)
+    b_sh = S.batch_sharding(mesh, cfg)
+    fn = jax.jit(lambda p, b: _grad_fn(p, b), in_shardings=(p_sh, {"inputs": b_sh, "targets": b_sh}))
+    with S.sharding_context(mesh, cfg):
+      text = fn.lower(PARAMS, BATCH).as_text()
+    streams = {line.split("<@mesh, ")[1].split(">")[0] for line in text.splitlines()
+               if "sharding_constraint" in line and f"tensor<{B}x{T}x4x32xf32>" in line}
+    assert streams == {spec}, (stream, streams)
 
 
 def test_argument_bytes_order_dp_over_fsdp_and_tp():
   args = {}
   for strategy in ("dp", "fsdp", "tp"):
     args[strategy] = _compiled(S.MeshConfig(strategy))[2].memory_analysis().argument_size_in_bytes
-  assert args["dp"] > 4 * args["fsdp"], args
-  assert args["dp"] > 1.5 * args["tp"], args
+  # not 8x: in this tiny model the replicated mHC projections `phi [nC, n^2+2n]` are ~30% of params
+  assert args["dp"] > 2 * args["fsdp"], args
+  assert args["dp"] > 2 * args["tp"], args
