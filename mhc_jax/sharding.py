@@ -189,6 +189,8 @@ def sharding_context(mesh: Mesh, mesh_cfg: MeshConfig, constrain_params: bool = 
   Activations are constrained by the model's logical names. `constrain_params=False` (default) skips
   the constraint Flax puts on freshly initialised boxed values (see `_params_unconstrained`); create
   parameters through `jax.jit(init, out_shardings=...)` instead.
+  Pitfall: `jax.jit` caches traces per function and the Flax rules are not part of the key, so jit a
+  fresh function (e.g. `make_train_step(cfg)`) per strategy rather than re-tracing one under new rules.
   """
   import flax.linen as nn
   with contextlib.ExitStack() as stack:

@@ -320,6 +320,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=3, help="train steps per row on real devices")
   p.add_argument("--out", default=None, help="output prefix (default experiments/results/"
                                             "sharding_<devices>)")
+  p.add_argument("--rows", default=None,
+                 help="only these rows, in this order (names as in the table, e.g. mhc4/fsdp)")
   p.add_argument("--no-plot", action="store_true")
   return p
 
@@ -394,7 +396,7 @@ def plot(result: dict, path: str):
   plt.close(fig)
 
 
-def run(args) -> dict:
+def run(args, partial_path: str | None = None) -> dict:
   import jax
   from mhc_jax.train.config import apply_overrides
   base = apply_overrides(preset(args.preset), args.overrides)
@@ -420,8 +422,29 @@ def run(args) -> dict:
       conns.append(dataclasses.replace(base.model.connection, kind=kind, n_streams=args.n_streams))
   shapes = _parse_shapes(args.shape)
   rows = make_rows(conns, strategies, streams, shapes, n)
+  if args.rows:
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    names = {r.name: r for r in rows}
+    for w in wanted:
+      if w not in names:
+        fail("--rows", w, "a row name among " + ", ".join(names))
+    rows = [names[w] for w in wanted]
   by_label = {_conn_label(c): c for c in conns}
   results = []
+  m = base.model
+  header = {
+      "title": f"{where}: d={m.d_model} L={m.n_layers} B={base.data.batch_size} "
+               f"T={base.data.seq_len} {m.dtype}",
+      "device": where, "device_kind": devices[0].device_kind, "n_devices": n,
+      "jax_version": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+      "config": json.loads(json.dumps(dataclasses.asdict(base))),
+      "steps": args.steps if real else 0,
+      "notes": ("memory per device from memory_analysis (CPU buffer assignment differs from "
+                "TPU/GPU); flops/bytes from cost_analysis as XLA reports them; collectives: HLO "
+                "collective instructions (one per channel), weighted by loop trip counts, bytes = "
+                "size of each collective's result buffer; step times on fake CPU devices are not "
+                "hardware timings"),
+  }
   for row in rows:
     cfg = _run_config(base, by_label[row.connection], row.mesh)
     rec = {"name": row.name, "connection": row.connection, "strategy": row.mesh.strategy,
@@ -436,27 +459,16 @@ def run(args) -> dict:
     print(f"  compiled {row.name}: " + ("error" if "error" in rec else
                                        f"{rec['compile_s']:.1f}s"), file=sys.stderr, flush=True)
     results.append(rec)
+    if partial_path:                      # long AOT runs: keep what is done so far
+      with open(partial_path, "w") as f:
+        json.dump(dict(header, rows=results, partial=True), f, indent=1)
   # all strategies must agree on the loss (per connection kind)
   agree = {}
   for label in by_label:
     losses = [r["losses"] for r in results if r["connection"] == label and r.get("losses")]
     if len(losses) > 1:
       agree[label] = max(abs(a - b) for l in losses for a, b in zip(l, losses[0]))
-  m = base.model
-  return {
-      "title": f"{where}: d={m.d_model} L={m.n_layers} B={base.data.batch_size} "
-               f"T={base.data.seq_len} {m.dtype}",
-      "device": where, "device_kind": devices[0].device_kind, "n_devices": n,
-      "jax_version": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
-      "config": json.loads(json.dumps(dataclasses.asdict(base))),
-      "steps": args.steps if real else 0,
-      "loss_max_abs_diff_across_strategies": agree,
-      "notes": ("memory per device from memory_analysis (CPU buffer assignment differs from "
-                "TPU/GPU); flops/bytes from cost_analysis as XLA reports them; collectives from "
-                "compiled HLO with loop trip counts; step times on fake CPU devices are not "
-                "hardware timings"),
-      "rows": results,
-  }
+  return dict(header, loss_max_abs_diff_across_strategies=agree, rows=results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,16 +480,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - backend already started
       print(f"warning: --cpu-devices ignored (jax already has {jax.device_count()} devices); set "
             "JAX_NUM_CPU_DEVICES before starting", file=sys.stderr)
-  result = run(args)
+  out = args.out
+  if out:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  result = run(args, partial_path=out + ".partial.json" if out else None)
   print(_fmt_table(result["rows"]))
   if result["loss_max_abs_diff_across_strategies"]:
     print("loss after the last step, max |difference| across strategies: " + ", ".join(
         f"{k} {v:.2e}" for k, v in result["loss_max_abs_diff_across_strategies"].items()))
-  out = args.out or os.path.join("experiments", "results",
-                                 "sharding_" + re.sub(r"[^\w]+", "_", result["device"]).strip("_"))
+  out = out or os.path.join("experiments", "results",
+                            "sharding_" + re.sub(r"[^\w]+", "_", result["device"]).strip("_"))
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".json", "w") as f:
     json.dump(result, f, indent=1)
+  if os.path.exists(out + ".partial.json"):
+    os.remove(out + ".partial.json")
   if not args.no_plot:
     plot(result, out + ".png")
   print(f"saved {out}.json" + ("" if args.no_plot else f" and {out}.png"))
