@@ -6,7 +6,8 @@
 `xla` is the `mhc_jax.ops` path. `pallas` compiles the kernel for the current platform (TPU: Mosaic,
 GPU: Triton lowering) and raises `ConfigError` for an unsupported platform, shape or dtype.
 `interpret` runs the same kernel body in the Pallas interpreter (any platform; tests).
-`auto` is `pallas` on TPU/GPU when the inputs are supported, else `xla` (always `xla` on CPU).
+`auto` is `pallas` on TPU/GPU when the inputs are supported (on TPU also C % 128 == 0, the
+lane-aligned case), else `xla` (always `xla` on CPU).
 """
 from __future__ import annotations
 
@@ -42,8 +43,6 @@ def unsupported(backend: str | None, x, kind: str = "mhc") -> str | None:
     return f"n_streams={n} (kernels take 1..8)"
   if kind == "mhc_lite" and n > 5:
     return f"mhc_lite with n_streams={n} (kernel takes n <= 5: n! lanes)"
-  if backend == "tpu" and n > 1 and c % 128:
-    return f"C={c} (TPU kernels need C % 128 == 0 for lane-aligned stream slices)"
   if backend == "gpu" and c % 16:
     return f"C={c} (GPU kernels need C % 16 == 0 for power-of-two chunks)"
   return None
@@ -57,7 +56,9 @@ def resolve(implementation: str, x, kind: str = "mhc", field: str = "implementat
   backend = platform_backend()
   why = unsupported(backend, x, kind)
   if implementation == "auto":
-    return "xla" if why else backend
+    # TPU compiles any C, but stream slices are lane-aligned (fast) only for C % 128 == 0.
+    slow = backend == "tpu" and x.shape[-2] > 1 and x.shape[-1] % 128
+    return "xla" if (why or slow) else backend
   if why:
     raise ConfigError(f"{field}='pallas' is not available here: {why}; "
                       "use implementation='auto' to fall back to XLA")

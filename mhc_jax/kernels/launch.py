@@ -2,7 +2,8 @@
 
 The same body and BlockSpecs serve all three; only the compiler params, the token block `bt` and
 the feature chunking differ:
-  tpu:       bt sized to a VMEM budget (multiple of 16), one feature chunk per stream (C % 128 == 0).
+  tpu:       bt sized to a VMEM budget (multiple of 16), one feature chunk per stream (any C;
+             lane-aligned when C % 128 == 0).
   gpu:       bt = 16 (power of two, masked tail), power-of-two feature chunks <= 1024 (C % 16 == 0).
   interpret: HLO interpreter on any platform (tests), TPU-style blocks unless `max_chunk` is given.
 """

@@ -18,10 +18,10 @@ def _branch(u):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,n", [("mhc", 2), ("mhc_lite", 3)])
+@pytest.mark.parametrize("kind,n", [("mhc", 2)])     # mhc_lite kernels: tests/kernels/test_pre.py
 def test_connection_interpret_equals_xla(kind, n):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, n, C)), jnp.float32)
-  cfg = ConnectionConfig(kind=kind, n_streams=n, sinkhorn_iters=4, init="uniform")
+  cfg = ConnectionConfig(kind=kind, n_streams=n, sinkhorn_iters=2, init="uniform")
   mod = {impl: Connection(dataclasses.replace(cfg, implementation=impl)) for impl in
          ("xla", "interpret")}
   params = mod["xla"].init(jax.random.PRNGKey(0), x, _branch, 1)

@@ -44,7 +44,6 @@ def test_bad_implementation_and_kind():
 
 
 @pytest.mark.parametrize("backend,x,kind,frag", [
-    ("tpu", _x(c=200), "mhc", "C=200"),
     ("gpu", _x(c=200), "mhc", "C=200"),
     ("tpu", _x(n=9, c=256), "mhc", "n_streams=9"),
     ("tpu", _x(n=6, c=256), "mhc_lite", "mhc_lite"),
@@ -55,7 +54,7 @@ def test_unsupported_reasons(backend, x, kind, frag):
 
 
 @pytest.mark.parametrize("backend,x", [("tpu", _x(c=256)), ("gpu", _x(c=7168)), ("gpu", _x(n=3, c=48)),
-                                       ("tpu", _x(n=1, c=96))])
+                                       ("tpu", _x(n=1, c=96)), ("tpu", _x(c=200))])
 def test_supported(backend, x):
   assert unsupported(backend, x) is None
 
@@ -63,6 +62,8 @@ def test_supported(backend, x):
 def test_pallas_on_a_supported_platform_uses_the_kernel(monkeypatch):
   monkeypatch.setattr(api, "platform_backend", lambda: "tpu")
   assert resolve("pallas", _x()) == "tpu" and resolve("auto", _x()) == "tpu"
-  assert resolve("auto", _x(c=200)) == "xla"
+  assert resolve("auto", _x(c=200)) == "xla"            # compiles, but not lane-aligned
+  assert resolve("pallas", _x(c=200)) == "tpu"
+  monkeypatch.setattr(api, "platform_backend", lambda: "gpu")
   with pytest.raises(ConfigError, match="C=200"):
     resolve("pallas", _x(c=200))

@@ -49,8 +49,8 @@ def reference():
                lambda *a: stream_post(*a, implementation="interpret"))(x, params, y)
 
 
-@pytest.mark.parametrize("x_spec", [P("data", None, None, None), P("data", "tensor", None, None),
-                                    P("data", None, None, "tensor")])
+@pytest.mark.parametrize("x_spec", [P("data", "tensor", None, None),     # batch x sequence
+                                    P("data", None, None, "tensor")])    # batch x features
 def test_sharded_kernels_equal_unsharded(mesh, reference, x_spec):
   x, params, y = _data()
   ref = reference
