@@ -176,6 +176,16 @@ def cmd_show_config(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    # Tools with their own argument parsers get every remaining argument (including --help).
+    if argv[:1] == ["compare-sharding"]:
+      return _delegate("mhc_jax.sharding_compare", argv[1:], "compare-sharding")
+    if argv[:2] == ["bench", "kernels"]:
+      return _delegate("mhc_jax.kernels.bench", argv[2:], "bench kernels")
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
