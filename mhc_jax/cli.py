@@ -101,8 +101,15 @@ def resolve_config(preset: str | None, overrides: list[str], run_dir: str | None
   return apply_overrides(base, overrides)
 
 
+def _distributed():
+  """`jax.distributed.initialize()` when the environment asks for it (Cloud TPU pod, SLURM, ...)."""
+  from mhc_jax.sharding import maybe_initialize_distributed
+  maybe_initialize_distributed()
+
+
 def cmd_train(args) -> int:
   from mhc_jax.train.loop import Interrupted, TrainingDiverged, train
+  _distributed()
   cfg = resolve_config(args.preset, args.overrides, args.run_dir, args.resume)
   run_dir = args.run_dir
   if run_dir is None:
@@ -121,6 +128,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+  _distributed()
   import jax
   from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
   from mhc_jax.train.loop import _jit_steps, _to_device, count_bytes, evaluate, load_checkpoint
@@ -143,6 +151,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
+  _distributed()
   from mhc_jax.data import make_tokenizer
   from mhc_jax.sample import generate
   from mhc_jax.train.loop import load_checkpoint
