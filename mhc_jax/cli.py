@@ -109,7 +109,6 @@ def _distributed():
 
 def cmd_train(args) -> int:
   from mhc_jax.train.loop import Interrupted, TrainingDiverged, train
-  _distributed()
   cfg = resolve_config(args.preset, args.overrides, args.run_dir, args.resume)
   run_dir = args.run_dir
   if run_dir is None:
@@ -192,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
       return _delegate("mhc_jax.sharding_compare", argv[1:], "compare-sharding")
     if argv[:2] == ["bench", "kernels"]:
       return _delegate("mhc_jax.kernels.bench", argv[2:], "bench kernels")
+    if argv[:2] == ["bench", "step"]:
+      return _delegate("mhc_jax.bench_step", argv[2:], "bench step")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
