@@ -199,6 +199,7 @@ def run(argv: list[str] | None = None) -> dict:
     groups = [[c] for c in cases]
   for group in groups:
     for c in group:
+      print(f"bench step: compiling {c.kind} / remat={c.remat}", file=sys.stderr, flush=True)
       _prepare(c, device)
       for _ in range(args.warmup):
         _one_step(c)
