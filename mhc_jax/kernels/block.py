@@ -10,7 +10,8 @@ The mapping coefficients live in one packed lane vector per token, `W` = a power
     lanes [2n, 2n + n*n)    H_res out, row-major (i, j)
 
 Row / column sums of the n x n block (Sinkhorn) and the permutation mixture (mHC-lite) are matmuls
-with constant 0/1 matrices `[W, W]`, so the whole mapping is a handful of `[bt, W]` ops.
+with constant 0/1 matrices `[W, W]`; group maxima are masked lane reductions. The whole mapping is a
+few `[bt, W]` ops per iteration.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_TINY = float(np.finfo(np.float32).tiny)
 _NEG = -1e30
 
 
@@ -74,15 +74,15 @@ def chunks(c: int, max_chunk: int | None) -> tuple[tuple[int, int], ...]:
 
 @functools.lru_cache(maxsize=None)
 def constants(spec: MapSpec) -> tuple[np.ndarray, np.ndarray]:
-  """`(vecs [8, W], mats [2, W, W])` float32 masks and 0/1 matrices for `spec` (no parameters).
+  """`(vecs [32, W], mats [2, W, W])` float32 masks and 0/1 matrices for `spec` (no parameters).
 
-  vecs rows: 0 pre lanes, 1 post lanes, 2 res-in lanes, 3 res-out lanes, 4-7 group ids for alpha
-  (one-hot rows: 4 = alpha0 lanes, 5 = alpha1 lanes, 6 = alpha2 lanes).
+  vecs rows: 0 pre lanes, 1 post lanes, 2 res-in lanes, 3 res-out lanes, 4 / 5 / 6 the lanes that
+  take alpha0 / alpha1 / alpha2, 8 + j the lanes of column j of the n x n block, 16 + i of row i.
   mats: mHC: [row-group sum, column-group sum]; mHC-lite: [permutation mixture, zeros].
   Lane `2n + k` of the lite mixture input is the weight of `P_k`; it feeds lanes `2n + i*n + perm_k[i]`.
   """
   n, w = spec.n, spec.lanes
-  vecs = np.zeros((8, w), np.float32)
+  vecs = np.zeros((32, w), np.float32)
   vecs[0, :n] = 1
   vecs[1, n:2 * n] = 1
   vecs[2, 2 * n:2 * n + spec.r_in] = 1
@@ -90,6 +90,9 @@ def constants(spec: MapSpec) -> tuple[np.ndarray, np.ndarray]:
   vecs[4, :n] = 1
   vecs[5, n:2 * n] = 1
   vecs[6, 2 * n:2 * n + spec.r_in] = 1
+  for a in range(n * n):
+    vecs[8 + a % n, 2 * n + a] = 1          # column group j = a % n
+    vecs[16 + a // n, 2 * n + a] = 1        # row group i = a // n
   mats = np.zeros((2, w, w), np.float32)
   if spec.kind == "mhc":
     for a in range(n * n):
@@ -169,30 +172,54 @@ def project(xs, phis, bf16_passes: int):
   return proj, ss
 
 
+def _group_max(f, masks):
+  """Per-lane max of f over the lane's group (groups given by `[1, W]` masks; 0 elsewhere)."""
+  out = jnp.zeros_like(f)
+  for m in masks:
+    out = jnp.where(m, jnp.max(jnp.where(m, f, _NEG), axis=1, keepdims=True), out)
+  return jax.lax.stop_gradient(out)    # a shift: the value does not depend on it
+
+
 def mapping(spec: MapSpec, z, vecs, mat0, mat1):
   """Packed `H [bt, W]` from packed pre-activations `z = alpha * h + b` (DESIGN.md mappings).
 
-  mHC: Sinkhorn on the n x n block with `M0 = exp(L - max L)` (per-token max over the block),
-  then column-softmax start, `+eps`, and `iters` x (columns, rows) as `ops.sinkhorn`.
+  mHC with eps = 0: Sinkhorn in the log domain, as `ops.sinkhorn`: `iters` x (f -= logsumexp over
+  columns, then rows), `H_res = exp(f)`; each logsumexp is shifted by its own group max, so any
+  finite logits give finite values and gradients. With eps > 0 (DeepSeek-V4): column softmax
+  (per-column max) + eps, then `+eps` denominators, as `ops.sinkhorn`.
   mHC-lite: `H_res = sum_k softmax(z_res)_k P_k`.
   """
   pre, post, res_in = row(vecs, 0) > 0, row(vecs, 1) > 0, row(vecs, 2) > 0
   s = sigmoid(z)
   h = jnp.where(pre, s + spec.pre_eps, 0.0) + jnp.where(post, 2.0 * s, 0.0)
-  zr = jnp.where(res_in, z, _NEG)
-  mx = jax.lax.stop_gradient(jnp.max(zr, axis=1, keepdims=True))
-  e = jnp.where(res_in, jnp.exp(zr - mx), 0.0)
   if spec.kind == "mhc_lite":
+    zr = jnp.where(res_in, z, _NEG)
+    mx = jax.lax.stop_gradient(jnp.max(zr, axis=1, keepdims=True))
+    e = jnp.where(res_in, jnp.exp(zr - mx), 0.0)
     w = e / jnp.sum(e, axis=1, keepdims=True)             # the max lane gives a sum >= 1
     return h + _dot(w, mat0)
+  n = spec.n
   g_row, g_col = mat0, mat1
+  cols = [row(vecs, 8 + j) > 0 for j in range(n)]
+  rows = [row(vecs, 16 + i) > 0 for i in range(n)]
   eps = spec.sinkhorn_eps
-  d = eps if eps > 0 else _TINY
+  if eps == 0:
+    def lse(f, g, groups):
+      mx = _group_max(f, groups)
+      total = _dot(jnp.where(res_in, jnp.exp(f - mx), 0.0), g)
+      return jnp.where(res_in, jnp.log(jnp.where(res_in, total, 1.0)) + mx, 0.0)
 
-  def norm(m, g):       # m / (group sum + d) on the n x n lanes; other lanes stay 0 (denominator 1)
-    return m / jnp.where(res_in, _dot(m, g) + d, 1.0)
+    f = jnp.where(res_in, z, 0.0)
+    for _ in range(spec.sinkhorn_iters):
+      f = f - lse(f, g_col, cols)                                    # T_c
+      f = f - lse(f, g_row, rows)                                    # T_r (rows exact)
+    return h + jnp.where(res_in, jnp.exp(f), 0.0)
 
-  m = jnp.where(res_in, e / jnp.where(res_in, _dot(e, g_col) + _TINY, 1.0) + eps, 0.0)  # T_c(exp)
+  def norm(m, g):       # m / (group sum + eps) on the n x n lanes; other lanes stay 0
+    return m / jnp.where(res_in, _dot(m, g) + eps, 1.0)
+
+  e = jnp.where(res_in, jnp.exp(z - _group_max(z, cols)), 0.0)
+  m = jnp.where(res_in, e / jnp.where(res_in, _dot(e, g_col), 1.0) + eps, 0.0)   # softmax + eps
   m = norm(m, g_row)                                                  # T_r
   for _ in range(spec.sinkhorn_iters - 1):
     m = norm(norm(m, g_col), g_row)                                   # T_c, then T_r (rows exact)

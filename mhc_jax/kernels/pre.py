@@ -110,7 +110,7 @@ def _operands(cfg, phi, b, alpha):
 
 def _param_specs(cfg):
   w = cfg.spec.lanes
-  return [launch.full_spec((cfg.nc, w)), launch.full_spec((8, w)), launch.full_spec((8, w)),
+  return [launch.full_spec((cfg.nc, w)), launch.full_spec((8, w)), launch.full_spec((32, w)),
           launch.full_spec((w, w)), launch.full_spec((w, w))]
 
 
