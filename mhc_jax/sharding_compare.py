@@ -87,12 +87,24 @@ def _split_computations(hlo: str):
   return comps, entry
 
 
+def _cond_trip_count(comps, while_line: str) -> int | None:
+  """Trip count of a `while` without `known_trip_count` (TPU): its condition is `i < constant(N)`
+  on the counter (scan loops start at 0, step 1)."""
+  if " while(" not in while_line:
+    return None
+  m = re.search(r"condition=%?([\w.\-]+)", while_line)
+  body = comps.get(m.group(1), []) if m else []
+  consts = [int(c) for c in re.findall(r"s32\[\][^=]*constant\((\d+)\)", "\n".join(body))]
+  lt = any("compare(" in line and "direction=LT" in line for line in body)
+  return consts[0] if lt and len(consts) == 1 else None
+
+
 def collective_stats(hlo: str) -> dict[str, dict[str, float]]:
   """`{kind: {"count": executions per step, "bytes": per-device bytes per step}}`.
 
   Each computation's multiplicity is the sum over its call sites of the caller's multiplicity times
-  the loop's `known_trip_count` (1 for non-loop calls), so collectives in a scanned layer body count
-  L times.
+  the loop's trip count (`known_trip_count`, or the `i < N` bound of its condition; 1 for non-loop
+  calls), so collectives in a scanned layer body count L times.
   """
   comps, entry = _split_computations(hlo)
   stats = {k: {"count": 0, "bytes": 0} for k in KINDS}
@@ -102,8 +114,9 @@ def collective_stats(hlo: str) -> dict[str, dict[str, float]]:
   for name, lines in comps.items():
     for line in lines:
       trip = _TRIP_RE.search(line)
+      trip_n = int(trip.group(1)) if trip else (_cond_trip_count(comps, line) or 1)
       for role, callee in _CALL_RE.findall(line):
-        factor = int(trip.group(1)) if trip and role in ("body", "condition") else 1
+        factor = trip_n if role in ("body", "condition") else 1
         edges[name].append((callee, factor))
       b = _BRANCHES_RE.search(line)
       if b:
@@ -323,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--rows", default=None,
                  help="only these rows, in this order (names as in the table, e.g. mhc4/fsdp)")
   p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="combine saved results (e.g. partial runs of one config) into --out")
   return p
 
 
@@ -471,6 +486,33 @@ def run(args, partial_path: str | None = None) -> dict:
   return dict(header, loss_max_abs_diff_across_strategies=agree, rows=results)
 
 
+def merge(paths: list[str]) -> dict:
+  """Rows of several saved results of the same model config and devices, first file's header."""
+  results = []
+  for path in paths:
+    with open(path) as f:
+      results.append(json.load(f))
+  head = {k: v for k, v in results[0].items() if k not in ("rows", "partial")}
+  for path, r in zip(paths, results):
+    if r["config"]["model"] != head["config"]["model"] or r["device"] != head["device"]:
+      fail("--merge", path, "results of the same model config and devices")
+  rows, seen = [], set()
+  for r in results:
+    for row in r["rows"]:
+      if row["name"] not in seen:
+        seen.add(row["name"])
+        rows.append(row)
+  head["merged_from"] = [os.path.basename(p) for p in paths]
+  head["rows"] = rows
+  agree = {}
+  for label in {r["connection"] for r in rows}:
+    losses = [r["losses"] for r in rows if r["connection"] == label and r.get("losses")]
+    if len(losses) > 1:
+      agree[label] = max(abs(a - b) for l in losses for a, b in zip(l, losses[0]))
+  head["loss_max_abs_diff_across_strategies"] = agree
+  return head
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.cpu_devices:
@@ -483,7 +525,12 @@ def main(argv: list[str] | None = None) -> int:
   out = args.out
   if out:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  result = run(args, partial_path=out + ".partial.json" if out else None)
+  if args.merge:
+    if not out:
+      fail("--out", out, "a path prefix when --merge is given")
+    result = merge(args.merge)
+  else:
+    result = run(args, partial_path=out + ".partial.json" if out else None)
   print(_fmt_table(result["rows"]))
   if result["loss_max_abs_diff_across_strategies"]:
     print("loss after the last step, max |difference| across strategies: " + ", ".join(
