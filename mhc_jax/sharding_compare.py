@@ -30,6 +30,12 @@ from mhc_jax.config import ConfigError, ConnectionConfig, fail
 from mhc_jax.sharding import DEFAULT_SHAPES, STRATEGIES, STREAM_SHARDINGS, MeshConfig
 
 MiB = 2 ** 20
+NOTES = ("memory per device from memory_analysis (CPU buffer assignment differs from TPU/GPU); "
+         "flops / bytes accessed from cost_analysis as XLA reports them, which counts a while-loop "
+         "body once (a scanned layer stack contributes one layer): compare rows, not absolutes; "
+         "collectives: HLO collective instructions (one per channel) weighted by loop trip counts, "
+         "bytes = size of each collective's result buffer; step times on fake CPU devices are not "
+         "hardware timings")
 
 # ---------------------------------------------------------------------------------------------
 # Collectives from compiled HLO text.
@@ -338,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                  help="combine saved results (e.g. partial runs of one config) into --out")
+  p.add_argument("--note", default=None, help="with --merge: a sentence appended to the notes")
   return p
 
 
@@ -454,11 +461,7 @@ def run(args, partial_path: str | None = None) -> dict:
       "jax_version": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
       "config": json.loads(json.dumps(dataclasses.asdict(base))),
       "steps": args.steps if real else 0,
-      "notes": ("memory per device from memory_analysis (CPU buffer assignment differs from "
-                "TPU/GPU); flops/bytes from cost_analysis as XLA reports them; collectives: HLO "
-                "collective instructions (one per channel), weighted by loop trip counts, bytes = "
-                "size of each collective's result buffer; step times on fake CPU devices are not "
-                "hardware timings"),
+      "notes": NOTES,
   }
   for row in rows:
     cfg = _run_config(base, by_label[row.connection], row.mesh)
@@ -486,7 +489,7 @@ def run(args, partial_path: str | None = None) -> dict:
   return dict(header, loss_max_abs_diff_across_strategies=agree, rows=results)
 
 
-def merge(paths: list[str]) -> dict:
+def merge(paths: list[str], note: str | None = None) -> dict:
   """Rows of several saved results of the same model config and devices, first file's header."""
   results = []
   for path in paths:
@@ -503,6 +506,7 @@ def merge(paths: list[str]) -> dict:
         seen.add(row["name"])
         rows.append(row)
   head["merged_from"] = [os.path.basename(p) for p in paths]
+  head["notes"] = NOTES + (f"; {note}" if note else "")
   head["rows"] = rows
   agree = {}
   for label in {r["connection"] for r in rows}:
@@ -528,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.merge:
     if not out:
       fail("--out", out, "a path prefix when --merge is given")
-    result = merge(args.merge)
+    result = merge(args.merge, args.note)
   else:
     result = run(args, partial_path=out + ".partial.json" if out else None)
   print(_fmt_table(result["rows"]))
