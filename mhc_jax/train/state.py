@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from mhc_jax import sharding as shd
 from mhc_jax.config import fail
@@ -26,12 +26,9 @@ from mhc_jax.train.config import RunConfig
 from mhc_jax.train.optimizer import make_optimizer
 
 
-# The model cannot yet be traced under `jax.set_mesh`: Flax re-runs parameter initialisers in `apply`
-# (shape check) and, under a mesh, constrains the boxed values; that fails for the repeated logical
-# names `("mhc", "mhc")` and for `nn.DenseGeneral` kernels boxed with 3 names but created flat.
-# Until the model is fixed, steps are traced without a mesh context: the jit's in/out shardings place
-# state and batch (correct for every strategy; activation constraints are then no-ops).
-TRACE_UNDER_MESH = False
+# Trace model code under `jax.set_mesh` + logical rules, so its activation constraints take effect.
+# (False: rules only; state and batches are still placed by the jits' in/out shardings.)
+TRACE_UNDER_MESH = True
 
 
 @flax.struct.dataclass
@@ -93,25 +90,11 @@ def abstract_state(cfg: RunConfig, tx=None):
   return jax.eval_shape(_init_fn(cfg, tx), jax.random.PRNGKey(cfg.train.seed))
 
 
-def _dedupe(specs):
-  """Logical specs with a name repeated in one array (e.g. `("mhc", "mhc")` of `b_res [n, n]`) keep
-  only its first occurrence; Flax refuses repeats, and one mesh axis can shard one dimension anyway."""
-  def fix(spec):
-    seen, out = set(), []
-    for name in spec:
-      out.append(None if name in seen else name)
-      if name is not None:
-        seen.add(name)
-    return P(*out)
-  return jax.tree.map(fix, specs, is_leaf=lambda x: isinstance(x, P))
-
-
 def state_shardings(cfg: RunConfig, mesh: Mesh, tx=None):
   """TrainState of NamedShardings (params via logical rules, opt state via tree_map_params)."""
   tx = tx or make_optimizer(cfg.train)
   abstract = abstract_state(cfg, tx)
-  params_sh = nn.logical_to_mesh_sharding(_dedupe(nn.get_partition_spec(abstract.params)), mesh,
-                                          shd.logical_rules(cfg.mesh))
+  params_sh = shd.param_shardings(abstract.params, mesh, cfg.mesh)
   opt_sh = shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh)
   rep = shd.replicated(mesh)
   return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
