@@ -23,7 +23,7 @@ from mhc_jax.layers.norm import RMSNorm
 
 from tests.dsv4 import torch_env
 
-pytestmark = [pytest.mark.torch, pytest.mark.xdist_group("dsv4")]
+pytestmark = [pytest.mark.torch, pytest.mark.slow, pytest.mark.xdist_group("dsv4")]
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -58,7 +58,7 @@ def _inputs(name, kind, n, c, iters, eps, seed):
   return a
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf(tmp_path_factory):
   """Run every case through the PyTorch modules once: `{name: (inputs, torch outputs)}`."""
   py, msg = torch_env.ensure()
