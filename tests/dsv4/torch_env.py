@@ -16,8 +16,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.environ.get("MHC_TORCH_VENV", os.path.join(HERE, ".torch-venv"))
-PINS = ("torch==2.13.0", "transformers==5.18.0", "safetensors", "hyper-connections==0.4.9")
-_STAMP = "mhc-torch-env-" + "-".join(PINS)
+PINS = ("torch==2.13.0", "transformers==5.18.0", "safetensors")
+PEER_PINS = ("hyper-connections==0.4.9",)          # optional: only the peers comparison needs it
+_STAMP = "mhc-torch-env-" + "-".join(PINS + PEER_PINS)
 
 
 def find_python311() -> str | None:
@@ -70,8 +71,18 @@ def ensure() -> tuple[str | None, str]:
     if proc.returncode:
       raise RuntimeError(f"building {VENV} failed (pip install {' '.join(PINS)}):\n"
                          + proc.stdout[-3000:] + proc.stderr[-3000:])
+    peer = subprocess.run([venv_python(), "-m", "pip", "install", "-q", *PEER_PINS], env=env,
+                          capture_output=True, text=True)
+    if peer.returncode:
+      open(os.path.join(VENV, "peers-missing.txt"), "w").write(peer.stdout[-2000:] + peer.stderr[-2000:])
     open(stamp, "w").write(f"built in {time.time() - t0:.1f}s\n")
     return venv_python(), f"built in {time.time() - t0:.1f}s"
+
+
+def peers_missing() -> str | None:
+  """Why `hyper-connections` could not be installed into the env, or None if it is there."""
+  path = os.path.join(VENV, "peers-missing.txt")
+  return open(path).read() if os.path.exists(path) else None
 
 
 def run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
