@@ -259,6 +259,7 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
       "collectives": collective_stats(compiled.as_text()),
   }
   out["collective_mib"] = sum(v["bytes"] for v in out["collectives"].values()) / MiB
+  out["collectives_trip_weighted"] = True
   if real and steps > 0:
     setup = st.make_setup(cfg, devices)
     state = st.create_state(cfg, setup)
