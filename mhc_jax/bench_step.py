@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--n-streams", type=int, default=4, help="streams for hc / mhc / mhc_lite")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--remat-groups", default="0",
+                 help="remat=mhc_paper only: comma list of model.remat_group values (0 = Eq. 20)")
+  p.add_argument("--memory-only", action="store_true",
+                 help="compile and report memory/FLOPs only (no timed steps)")
   p.add_argument("--no-interleave", action="store_true",
                  help="time each pair on its own (less memory: one state alive at a time)")
   p.add_argument("--out", default=None,
@@ -104,11 +108,12 @@ class _Case:
   row: dict = dataclasses.field(default_factory=dict)
 
 
-def _case_config(base, kind: str, remat: str, n_streams: int):
+def _case_config(base, kind: str, remat: str, n_streams: int, group: int = 0):
   conn = dataclasses.replace(base.model.connection, kind=kind,
                              n_streams=1 if kind == "residual" else n_streams)
   collapse = "sum" if kind == "residual" else base.model.collapse
-  model = dataclasses.replace(base.model, remat=remat, collapse=collapse, connection=conn)
+  model = dataclasses.replace(base.model, remat=remat, collapse=collapse, connection=conn,
+                              remat_group=group)
   return dataclasses.replace(base, model=model)
 
 
@@ -117,6 +122,7 @@ def _prepare(case: _Case, device) -> None:
   import jax
   import numpy as np
   from mhc_jax.config import compute_dtype
+  from mhc_jax.model import mhc_paper_group
   from mhc_jax.train.state import create_state, make_setup, n_params
   from mhc_jax.train.step import make_train_step
 
@@ -144,6 +150,9 @@ def _prepare(case: _Case, device) -> None:
   case.step, case.state, case.batch = compiled, state, batch
   case.row = {
       "kind": case.kind, "remat": case.remat, "n_streams": cfg.model.connection.n,
+      "remat_group": (cfg.model.remat_group or mhc_paper_group(cfg.model.connection.n,
+                                                               cfg.model.n_layers))
+                     if case.remat == "mhc_paper" else None,
       "params": params, "compute_dtype": dtype_name, "compile_s": round(compile_s, 3),
       "temp_bytes": int(mem.temp_size_in_bytes) if mem else None,
       "argument_bytes": int(mem.argument_size_in_bytes) if mem else None,
@@ -162,17 +171,17 @@ def _one_step(case: _Case) -> float:
 
 
 def _finish(case: _Case, device, tokens: int) -> None:
-  med = statistics.median(case.times)
+  med = statistics.median(case.times) if case.times else None
   row = case.row
   row["step_time_s"] = med
   row["step_times_s"] = [round(x, 6) for x in case.times]
-  row["tokens_per_s"] = tokens / med
+  row["tokens_per_s"] = tokens / med if med else None
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   row["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"]) if stats else None
   row["memory_source"] = "memory_stats+memory_analysis" if stats else "memory_analysis"
   peak = device_peak_tflops(device.device_kind, row["compute_dtype"])
   row["device_peak_tflops"] = peak
-  row["mfu"] = (row["model_flops"] / med / (peak * 1e12)) if peak else None
+  row["mfu"] = (row["model_flops"] / med / (peak * 1e12)) if peak and med else None
   case.step = case.state = case.batch = None      # free device memory
 
 
@@ -189,21 +198,30 @@ def run(argv: list[str] | None = None) -> dict:
     raise ConfigError(f"--warmup={args.warmup} is not allowed: an integer >= 0")
   from mhc_jax.cli import resolve_config
   base = resolve_config(args.preset, args.overrides)
-  cases = [_Case(k, r, _case_config(base, k, r, args.n_streams)) for r in remats for k in kinds]
+  try:
+    groups_arg = [int(g) for g in args.remat_groups.split(",")]
+  except ValueError:
+    groups_arg = [-1]
+  if any(g < 0 or g > base.model.n_layers for g in groups_arg):
+    raise ConfigError(f"--remat-groups={args.remat_groups!r} is not allowed: comma list of integers "
+                      f"in [0, model.n_layers={base.model.n_layers}]")
+  cases = [_Case(k, r, _case_config(base, k, r, args.n_streams, g)) for r in remats
+           for g in (groups_arg if r == "mhc_paper" else [0]) for k in kinds]
 
   import jax
   device = jax.devices()[0]
   tokens = base.data.batch_size * base.data.seq_len
-  groups = [[c for c in cases if c.remat == r] for r in remats]
+  keys = list(dict.fromkeys((c.remat, c.cfg.model.remat_group) for c in cases))
+  groups = [[c for c in cases if (c.remat, c.cfg.model.remat_group) == k] for k in keys]
   if args.no_interleave:
     groups = [[c] for c in cases]
   for group in groups:
     for c in group:
       print(f"bench step: compiling {c.kind} / remat={c.remat}", file=sys.stderr, flush=True)
       _prepare(c, device)
-      for _ in range(args.warmup):
+      for _ in range(0 if args.memory_only else args.warmup):
         _one_step(c)
-    for _ in range(args.steps):       # alternate the pairs of a group step by step
+    for _ in range(0 if args.memory_only else args.steps):       # alternate the pairs of a group step by step
       for c in group:
         c.times.append(_one_step(c))
     for c in group:
@@ -211,9 +229,11 @@ def run(argv: list[str] | None = None) -> dict:
 
   rows = [c.row for c in cases]
   for row in rows:
-    ref = next((r for r in rows if r["kind"] == "residual" and r["remat"] == row["remat"]), None)
+    ref = next((r for r in rows if r["kind"] == "residual" and r["remat"] == row["remat"]
+                and r["remat_group"] == row["remat_group"]), None)
     row["overhead_vs_residual_pct"] = (
-        100.0 * (row["step_time_s"] / ref["step_time_s"] - 1.0) if ref else None)
+        100.0 * (row["step_time_s"] / ref["step_time_s"] - 1.0)
+        if ref and row["step_time_s"] else None)
     row["temp_bytes_vs_residual_pct"] = (
         100.0 * (row["temp_bytes"] / ref["temp_bytes"] - 1.0)
         if ref and ref["temp_bytes"] and row["temp_bytes"] is not None else None)
@@ -230,7 +250,7 @@ def run(argv: list[str] | None = None) -> dict:
                  "d_ff": m.ff_dim, "vocab_size": m.vocab_size, "n_streams": args.n_streams,
                  "dtype": m.dtype, "scan_layers": m.scan_layers,
                  "implementation": m.connection.implementation},
-      "steps": args.steps, "warmup": args.warmup, "interleaved": not args.no_interleave,
+      "steps": 0 if args.memory_only else args.steps, "warmup": args.warmup, "interleaved": not args.no_interleave,
       "results": rows,
   }
   out = args.out
@@ -245,14 +265,15 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def format_table(result: dict) -> str:
-  head = (f"{'remat':<10} {'kind':<9} {'n':>2} {'step ms':>9} {'tok/s':>10} {'ovh %':>7} "
+  head = (f"{'remat':<10} {'g':>2} {'kind':<9} {'n':>2} {'step ms':>9} {'tok/s':>10} {'ovh %':>7} "
           f"{'temp MiB':>9} {'temp %':>7} {'MFU':>6}")
   lines = [f"{result['device_kind']} ({result['backend']}), jax {result['jax']}, "
            f"shapes {result['shapes']}", head]
   fmt = lambda v, f: "-" if v is None else format(v, f)   # noqa: E731
   for r in result["results"]:
-    lines.append(f"{r['remat']:<10} {r['kind']:<9} {r['n_streams']:>2} "
-                 f"{1e3 * r['step_time_s']:>9.2f} {r['tokens_per_s']:>10.0f} "
+    lines.append(f"{r['remat']:<10} {fmt(r['remat_group'], '>2')} {r['kind']:<9} {r['n_streams']:>2} "
+                 f"{fmt(r['step_time_s'] and 1e3 * r['step_time_s'], '>9.2f')} "
+                 f"{fmt(r['tokens_per_s'], '>10.0f')} "
                  f"{fmt(r['overhead_vs_residual_pct'], '>7.1f')} "
                  f"{fmt(r['temp_bytes'] and r['temp_bytes'] / 2**20, '>9.2f')} "
                  f"{fmt(r['temp_bytes_vs_residual_pct'], '>7.1f')} {fmt(r['mfu'], '>6.3f')}")
