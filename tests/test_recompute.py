@@ -54,10 +54,10 @@ def test_group_is_eq20_optimum():
 
 @pytest.mark.parametrize("kind,n,scan,layers,group", [
     ("mhc", 4, True, 3, 2),        # one scanned group of 2 + a last group of 1
-    ("mhc", 4, False, 3, 2),       # unrolled blocks
-    ("hc", 2, True, 3, 0),         # Eq. 20 group
-    ("mhc_lite", 3, True, 2, 1),
-    ("residual", 1, True, 3, 3),
+    pytest.param("mhc", 4, False, 3, 2, marks=pytest.mark.slow),       # unrolled blocks
+    pytest.param("hc", 2, True, 3, 0, marks=pytest.mark.slow),         # Eq. 20 group
+    pytest.param("mhc_lite", 3, True, 2, 1, marks=pytest.mark.slow),
+    pytest.param("residual", 1, True, 3, 3, marks=pytest.mark.slow),
 ])
 def test_mhc_paper_gradients_equal_none(kind, n, scan, layers, group):
   cfg = _cfg(kind, n, "none", scan, layers, group)
@@ -107,6 +107,7 @@ def _temp_bytes(cfg):
   return f.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_mhc_paper_lowers_temp_memory():
   """compiled.memory_analysis() on CPU: mHC n=4 needs less temp memory with mhc_paper than without,
   and its overhead over the residual model shrinks."""
