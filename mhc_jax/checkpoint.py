@@ -98,6 +98,7 @@ class Checkpointer:
 
     Unusable ones are skipped with a warning; with `quarantine` (training) they are also moved aside
     so the resumed run can write that step again."""
+    _check_target(target)   # a bad restore target is a config error, never a corrupt checkpoint
     skip = self._quarantine if quarantine else self._warn
     for step in reversed(self.steps()):
       if not self._complete(step):
@@ -114,3 +115,19 @@ class Checkpointer:
   def _warn(self, step: int, why: str):
     log.warning("checkpoint step %d is unusable (%s); trying the previous one", step, why)
     print(f"warning: checkpoint step {step} is unusable ({why}); skipped", flush=True)
+
+
+def _check_target(target) -> None:
+  """Raise `ConfigError` when a target sharding cannot hold its array (e.g. a mesh axis that does not
+  divide the heads), so that `restore_latest` never mistakes a bad mesh for a corrupt checkpoint."""
+  import jax
+  from mhc_jax.config import ConfigError
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None or not hasattr(leaf, "shape"):
+      continue
+    try:
+      sharding.shard_shape(tuple(leaf.shape))
+    except ValueError as e:
+      raise ConfigError(f"mesh={getattr(sharding, 'spec', sharding)} is not allowed for "
+                        f"{jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)}: {e}") from None
