@@ -47,21 +47,28 @@ class Connection(nn.Module):
       y = checkpoint_name(branch(norm(x[..., 0, :])), BRANCH_OUT)
       return x + y[..., None, :].astype(x.dtype)
     impl = self._kernel_impl(x)
-    if impl is not None:      # fused Pallas kernels (mhc_jax.kernels): u and the mappings in one pass
-      u, *hs = self._kernel_pre(x, site, impl)
-      h_pre, h_post, h_res = (checkpoint_name(h, COEFFS) for h in hs)
-    else:
-      h_pre, h_post, h_res = (checkpoint_name(h, COEFFS) for h in self.mappings(x, site))
+    u, h_pre, h_post, h_res = self._pre(x, site, impl)
     for name, value in (("h_pre", h_pre), ("h_post", h_post), ("h_res", h_res)):
       self.sow("intermediates", name, value)
-    acc = jnp.float32 if cfg.mix_dtype == "float32" else x.dtype
-    if impl is None:
-      u = ops.stream_pre(x, h_pre, acc_dtype=acc)
-    y = checkpoint_name(branch(norm(u)), BRANCH_OUT)
+    y = checkpoint_name(branch(norm(u)), BRANCH_OUT).astype(x.dtype)
     if impl is not None:
       from mhc_jax import kernels
-      return kernels.stream_post(x, y.astype(x.dtype), h_res, h_post, implementation=impl)
-    return ops.stream_post(x, y.astype(x.dtype), h_res, h_post, acc_dtype=acc)
+      return kernels.stream_post(x, y, h_res, h_post, implementation=impl)
+    return ops.stream_post(x, y, h_res, h_post, acc_dtype=self._acc_dtype(x))
+
+  def _pre(self, x, site, impl):
+    """`(u, h_pre, h_post, h_res)`: one fused kernel when `impl` is set, else the ops path."""
+    if impl is not None:      # fused Pallas kernels (mhc_jax.kernels): u and the mappings in one pass
+      u, *hs = self._kernel_pre(x, site, impl)
+    else:
+      u, hs = None, self.mappings(x, site)
+    h_pre, h_post, h_res = (checkpoint_name(h, COEFFS) for h in hs)
+    if u is None:
+      u = ops.stream_pre(x, h_pre, acc_dtype=self._acc_dtype(x))
+    return u, h_pre, h_post, h_res
+
+  def _acc_dtype(self, x):
+    return jnp.float32 if self.cfg.mix_dtype == "float32" else x.dtype
 
   def _kernel_impl(self, x):
     """`cfg.implementation` for the kernels, or None for the ops path (xla; HC; auto fallback)."""
