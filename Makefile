@@ -21,7 +21,7 @@ train: venv
 	$(VENV)/bin/mhc-jax train --preset default $(ARGS)
 
 test: venv
-	@JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadgroup --timeout 1500 $(PYTEST_ARGS); rc=$$?; \
+	@JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadgroup --timeout 1500 --durations=20 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): the test setup is broken" >&2; exit 5; fi; \
 	  exit $$rc
 
