@@ -25,7 +25,8 @@ class DataConfig:
   data_dir: TFDS data_dir and cache of built corpora; "" = $MHC_JAX_DATA_DIR or ~/.cache/mhc_jax/tfds.
   tokenizer: "byte" (vocab 256, document separator byte 0) or a path to a SentencePiece `.model`.
   seq_len / batch_size: each step yields `inputs`, `targets` int32 [batch_size, seq_len] (global).
-  val_fraction: files/stdlib only; this fraction of files (at least one) forms the validation split.
+  val_fraction: files/stdlib only; this fraction of files (at least one; > 0) forms the validation
+    split.
   max_files: files/stdlib only; 0 = all, else the first `max_files` files in sorted path order.
   """
   source: str = "stdlib"
@@ -57,9 +58,12 @@ class DataConfig:
     check_int("data.seq_len", self.seq_len, 1)
     check_int("data.batch_size", self.batch_size, 1)
     check_int("data.seed", self.seed, 0)
+    if self.seed >= 2**32:
+      fail("data.seed", self.seed, "an integer in [0, 2**32)")
     check_float("data.val_fraction", self.val_fraction)
-    if self.val_fraction >= 1:
-      fail("data.val_fraction", self.val_fraction, "a number in [0, 1)")
+    if self.val_fraction >= 1 or (self.source != "tfds" and self.val_fraction == 0):
+      fail("data.val_fraction", self.val_fraction,
+           "a number in (0, 1): the validation split of a local corpus needs at least one file")
     check_int("data.max_files", self.max_files, 0)
 
   def resolved_data_dir(self) -> str:

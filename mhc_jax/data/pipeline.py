@@ -69,22 +69,31 @@ def _encoder(tok: Tokenizer, key: str):
   return encode
 
 
-def _documents(cfg, split: str, tok: Tokenizer, process_index: int, process_count: int):
-  """This process's shard of `split` as a MapDataset of token arrays (EOS-terminated)."""
+def _documents(cfg, split: str, tok: Tokenizer, process_index: int, process_count: int,
+               b_local: int = 1):
+  """This process's shard of `split` as a MapDataset of token arrays (EOS-terminated).
+
+  The shard must hold one window of `seq_len + 1` tokens, and the train split one whole batch of
+  them (a batch larger than the data would only repeat it, at the cost of memory and time)."""
   docs = grain.MapDataset.source(open_split(cfg, split))
   n_docs = len(docs)
   docs = docs[process_index::process_count]
   encode = _encoder(tok, text_key(cfg))
-  need, have = cfg.seq_len + 1, 0
-  for i in range(len(docs)):  # stops as soon as one window fits; reads everything only if tiny
+  window = cfg.seq_len + 1
+  need, have = window * (b_local if split == "train" else 1), 0
+  for i in range(len(docs)):  # stops as soon as the data fits; reads everything only if small
     have += len(encode(docs[i])["tokens"])
     if have >= need:
       break
-  if have < need:
-    where = f" in process {process_index}'s shard of {process_count}" if process_count > 1 else ""
+  where = f" in process {process_index}'s shard of {process_count}" if process_count > 1 else ""
+  if have < window:
     fail("data.seq_len", cfg.seq_len,
          f"at most {have - 1}: the {split} split has {have} tokens{where} "
          f"({n_docs} examples), fewer than seq_len + 1")
+  if have < need:
+    fail("data.batch_size", cfg.batch_size,
+         f"at most {have // window * process_count}: one batch of (seq_len + 1) tokens per row must "
+         f"fit in the {split} split ({have} tokens{where})")
   return docs.map(encode)
 
 
@@ -131,7 +140,7 @@ def _slices_as_tuples(state):
 def make_train_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
   """Infinite, seeded iterator of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len]."""
   b_local = _local_batch(cfg, process_index, process_count)
-  docs = _documents(cfg, "train", make_tokenizer(cfg), process_index, process_count)
+  docs = _documents(cfg, "train", make_tokenizer(cfg), process_index, process_count, b_local)
   docs = grain.MapDataset.source(_EpochShuffled(docs, cfg.seed)).to_iter_dataset(_READ)
   return _Iterator(iter(_pack_and_batch(docs, cfg, b_local, shuffle_seed=cfg.seed + 1)))
 

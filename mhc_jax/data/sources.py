@@ -6,6 +6,7 @@ ArrayRecord format under data_dir (nothing is downloaded; `tfds.testing.mock_dat
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import tensorflow_datasets as tfds
@@ -86,3 +87,20 @@ def open_split(cfg, split: str):
 def text_key(cfg) -> str:
   """The text feature's name: always "text" for built corpora, `cfg.text_key` for tfds."""
   return cfg.text_key if cfg.source == "tfds" else "text"
+
+
+def fingerprint(cfg) -> str:
+  """A short hash of the corpus a run trains on: file names and contents for stdlib/files, the
+  dataset's name, version and split sizes for tfds. Stored with every checkpoint, so that a resume
+  on changed data is noticed."""
+  h = hashlib.sha256()
+  if cfg.source == "tfds":
+    builder = tfds.builder(cfg.tfds_name, data_dir=cfg.resolved_data_dir())
+    splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+    h.update(repr((cfg.tfds_name, str(builder.info.version), sorted(splits.items()))).encode())
+  else:
+    for rel, path in corpus.list_corpus_files(cfg):
+      h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+      with open(path, "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()[:16]

@@ -36,7 +36,9 @@ class ByteTokenizer(Tokenizer):
   eos_id = 0
 
   def encode(self, text) -> np.ndarray:
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    """UTF-8 bytes of `text`; bytes that are not UTF-8 (a command-line argument in another encoding
+    arrives as surrogate escapes) are kept as the raw bytes they stand for."""
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
   def decode(self, ids) -> str:
@@ -59,8 +61,9 @@ class SentencePieceTokenizer(Tokenizer):
     self.eos_id = eos if eos >= 0 else 0
 
   def encode(self, text) -> np.ndarray:
-    if not isinstance(text, str):
-      text = bytes(text).decode("utf-8", errors="replace")
+    if isinstance(text, str):
+      text = text.encode("utf-8", "surrogateescape")
+    text = bytes(text).decode("utf-8", errors="replace")
     return np.asarray(self._sp.encode(text), dtype=np.int32)
 
   def decode(self, ids) -> str:

@@ -18,6 +18,7 @@ from mhc_jax.data.config import DataConfig
 from mhc_jax.sharding import MeshConfig
 
 SCHEDULES = ("cosine", "paper_step", "constant")
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,10 @@ class TrainConfig:
   z_loss: weight of `log(Z)^2` added to the loss (PaLM); 0 disables it.
   eval_every / checkpoint_every / log_every: in steps; 0 disables periodic eval / checkpoints.
   inject_nan_at_step: fault injection for tests, makes the loss NaN at that step (0 = never).
+  save_timeout_s: deadline of each checkpoint save (its blocking part and its background write);
+    a save that fails or runs past it ends the run with exit code 4, earlier checkpoints kept.
+  stop_timeout_s: after SIGTERM/SIGINT the run saves and exits; if that takes longer (a save stuck,
+    a long compilation) the process exits anyway after this many seconds, without a new checkpoint.
   """
   steps: int = 1000
   lr: float = 3e-3
@@ -56,6 +61,8 @@ class TrainConfig:
   sample_temperature: float = 0.8
   sample_top_k: int = 40
   inject_nan_at_step: int = 0
+  save_timeout_s: float = 300.0
+  stop_timeout_s: float = 25.0
 
   def __post_init__(self):
     check_int("train.steps", self.steps, 1)
@@ -83,6 +90,10 @@ class TrainConfig:
     check_int("train.eval_batches", self.eval_batches, 1)
     check_int("train.keep", self.keep, 1)
     check_int("train.seed", self.seed, 0)
+    if self.seed >= SEED_LIMIT:
+      fail("train.seed", self.seed, "an integer in [0, 2**32)")
+    check_float("train.save_timeout_s", self.save_timeout_s, strict=True)
+    check_float("train.stop_timeout_s", self.stop_timeout_s, strict=True)
     check_float("train.sample_temperature", self.sample_temperature)
     if not isinstance(self.sample_prompt, str):
       fail("train.sample_prompt", self.sample_prompt, "a string")

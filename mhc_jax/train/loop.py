@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -20,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax import sharding as shd
-from mhc_jax.checkpoint import Checkpointer
-from mhc_jax.config import ConfigError
+from mhc_jax.checkpoint import Checkpointer, SaveFailed
+from mhc_jax.config import ConfigError, fail
 from mhc_jax.train import run_dir as rd
 from mhc_jax.train.config import RunConfig, diff, to_dict
 from mhc_jax.train.metrics import MetricsWriter, truncate_after
+from mhc_jax.train.signals import StopSignals
 from mhc_jax.train.state import (MeshSetup, TrainState, abstract_target, create_state, make_setup,
                                  n_params)
 from mhc_jax.train.step import (LN2, make_diagnostics, make_eval_step, make_train_step,
@@ -36,43 +38,29 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(Exception):
-  """SIGTERM / SIGINT arrived; a checkpoint of the last good step was saved."""
+  """SIGTERM / SIGINT arrived; the last good step was checkpointed when the loop was running."""
 
-  def __init__(self, signum: int, step: int, run_dir: str):
+  def __init__(self, signum: int, step: int, run_dir: str, saved: bool):
     self.signum, self.step, self.run_dir = signum, step, run_dir
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved. "
-                     f"Resume with: mhc-jax train --run-dir {run_dir} --resume")
+    name = signal.Signals(signum).name
+    if saved:
+      msg = f"stopped by {name} at step {step}; checkpoint saved."
+    elif step:
+      msg = f"stopped by {name} at step {step} before a new checkpoint."
+    else:
+      msg = f"stopped by {name} before training started; nothing to keep."
+    if os.path.isfile(os.path.join(run_dir, rd.CONFIG)):
+      msg += f" Resume with: {resume_command(run_dir)}"
+    super().__init__(msg)
+
+
+def resume_command(run_dir: str) -> str:
+  return f"mhc-jax train --run-dir {shlex.quote(run_dir)} --resume"
 
 
 def _say(msg: str):
   if shd.is_main_process():
     print(msg, flush=True)
-
-
-class _Signals:
-  """Turn SIGTERM/SIGINT into a flag the loop checks after each step (the main thread only)."""
-
-  def __init__(self):
-    self.received: int | None = None
-    self._old = {}
-
-  def __enter__(self):
-    if hasattr(signal, "SIGTERM"):
-      for s in (signal.SIGTERM, signal.SIGINT):
-        try:
-          self._old[s] = signal.signal(s, self._handle)
-        except ValueError:      # not the main thread: leave signals alone
-          pass
-    return self
-
-  def _handle(self, signum, frame):
-    if self.received is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt   # a second Ctrl-C: give up on saving
-    self.received = signum
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
 
 
 def open_data(cfg: RunConfig):
@@ -82,6 +70,11 @@ def open_data(cfg: RunConfig):
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not allowed: the tokenizer has "
                       f"{tok.vocab_size} ids")
+  n_prompt = len(tok.encode(cfg.train.sample_prompt))
+  if cfg.train.sample_tokens and not 1 <= n_prompt < cfg.model.max_seq_len:
+    fail("train.sample_prompt", cfg.train.sample_prompt,
+         f"1 to {cfg.model.max_seq_len - 1} tokens (it has {n_prompt}; model.max_seq_len="
+         f"{cfg.model.max_seq_len}), or train.sample_tokens=0 to sample nothing")
   pi, pc = jax.process_index(), jax.process_count()
   it = make_train_iterator(cfg.data, process_index=pi, process_count=pc)
   evals = make_eval_batches(cfg.data, cfg.train.eval_batches, process_index=pi, process_count=pc)
@@ -134,49 +127,151 @@ def _host(metrics: dict) -> dict:
   return out
 
 
+def check_meta_fn(cfg: RunConfig, fingerprint: str | None, *, where: str,
+                  allow_data_change: bool = False):
+  """`check_meta(step, meta)` for `Checkpointer.restore_latest`: a checkpoint saved with another
+  model/data config is a mismatch (one line, nothing moved), not a corrupt checkpoint; changed
+  training data is refused unless `allow_data_change` (then a warning)."""
+  mine = to_dict(cfg)
+
+  def check(step: int, meta: dict):
+    stored = meta.get("config")
+    if isinstance(stored, dict):
+      fields = [k for k in _dict_diff(stored, mine) if not k.startswith(rd.RESUMABLE_SECTIONS)]
+      if fields:
+        raise ConfigError(f"checkpoint step {step} in {where} was saved by a run with a different "
+                          f"{', '.join(fields[:6])}{', ...' if len(fields) > 6 else ''}; nothing was "
+                          "changed (use the matching config, another --run-dir or --force)")
+    old = meta.get("data_fingerprint")
+    if fingerprint and old and old != fingerprint:
+      msg = (f"the training data changed since checkpoint step {step} (corpus fingerprint {old} -> "
+             f"{fingerprint})")
+      if not allow_data_change:
+        raise ConfigError(f"--resume is not allowed: {msg}; pass --allow-data-change to continue "
+                          "on the new data")
+      _say(f"warning: {msg}; continuing on the new data (--allow-data-change)")
+  return check
+
+
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+  """Dotted keys present in both nested dicts with different values."""
+  out = []
+  for k in sorted(set(a) & set(b)):
+    if isinstance(a[k], dict) and isinstance(b[k], dict):
+      out += _dict_diff(a[k], b[k], prefix + k + ".")
+    elif a[k] != b[k]:
+      out.append(prefix + k)
+  return out
+
+
 def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = False,
-          progress: bool = True, final_outputs: bool = True, devices=None) -> dict[str, Any]:
+          allow_data_change: bool = False, progress: bool = True, final_outputs: bool = True,
+          devices=None) -> dict[str, Any]:
   """Train `cfg` in `run_dir`; returns a summary dict. Raises ConfigError (bad input, nothing
-  written), TrainingDiverged (NaN/Inf loss) or Interrupted (signal; checkpoint saved)."""
+  written), TrainingDiverged (NaN/Inf loss), SaveFailed (a checkpoint or run-directory write failed;
+  earlier checkpoints kept) or Interrupted (SIGTERM/SIGINT)."""
   run_dir = os.path.abspath(run_dir)
+  progress_state = {"step": 0, "saved": None}
+
+  def describe() -> str:
+    last = progress_state["saved"]
+    return (f"last checkpoint: {'none' if last is None else 'step ' + str(last)}"
+            + (f"; resume with: {resume_command(run_dir)}" if last is not None else ""))
+
+  cleanup: list = []
+  with StopSignals(cfg.train.stop_timeout_s, describe, cleanup) as sig:
+    return _train(cfg, run_dir, sig, cleanup, progress_state, resume=resume, force=force,
+                  allow_data_change=allow_data_change, progress=progress,
+                  final_outputs=final_outputs, devices=devices)
+
+
+def _check_stop(sig: StopSignals, run_dir: str, state: dict):
+  if sig.received is not None:
+    raise Interrupted(sig.received, state["step"], run_dir, saved=False)
+
+
+def _prepare_run_dir(run_dir: str, cfg: RunConfig, mode: str, lock: rd.RunLock):
+  """Clear (`--force`) and write the config of a fresh run; a failed write leaves nothing behind."""
+  try:
+    if mode == "force":
+      rd.clear(run_dir)
+    rd.write_config(run_dir, cfg)
+  except OSError as e:
+    if lock.created_dir and not rd._entries(run_dir):
+      lock.release()
+      for p in (lock.path, run_dir):
+        (os.remove if p == lock.path else os.rmdir)(p)
+    raise SaveFailed(f"cannot write the run directory {run_dir} "
+                     f"({e.strerror or type(e).__name__}: {e.filename or run_dir})") from None
+
+
+def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progress_state: dict, *,
+           resume: bool, force: bool, allow_data_change: bool, progress: bool, final_outputs: bool,
+           devices) -> dict[str, Any]:
   # 1. Validate everything that can be validated without writing.
   mode = rd.check_run_dir(run_dir, cfg, resume=resume, force=force)
   setup = make_setup(cfg, devices)
   tokenizer, data_iter, eval_host = open_data(cfg)
+  from mhc_jax.data.sources import fingerprint
+  data_fp = fingerprint(cfg.data)
   # Train records: bits per byte ~ loss / ln 2 for bytes (document separators count as tokens).
   bytes_per_token = 1.0 if cfg.data.tokenizer == "byte" else None
   eval_bytes = count_bytes(tokenizer, eval_host)
+  _check_stop(sig, run_dir, progress_state)
 
-  # 2. Now the run directory.
+  # 2. Now the run directory: lock it, then write.
   main = shd.is_main_process()
-  if main:
-    if mode == "force":
-      rd.clear(run_dir)
-    if mode == "resume":
-      changed = diff(rd.read_config(run_dir), cfg)
-      if changed:
-        _say(f"resume: config changes {', '.join(changed)}")
-    rd.write_config(run_dir, cfg)
-  ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep)
+  lock = rd.RunLock(run_dir) if main else None
+  if lock is not None:
+    cleanup.append(lock.release)
+  try:
+    if main and mode != "resume":
+      _prepare_run_dir(run_dir, cfg, mode, lock)
+    ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep,
+                        save_timeout_s=cfg.train.save_timeout_s)
+    cleanup.insert(0, ckpt.remove_partial)
+    return _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_host, data_fp,
+                bytes_per_token, eval_bytes, ckpt, mode, allow_data_change, progress, final_outputs)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_host, data_fp,
+         bytes_per_token, eval_bytes, ckpt, mode, allow_data_change, progress, final_outputs):
+  main = shd.is_main_process()
   train_step, eval_step, diag_fn = _jit_steps(cfg, setup)
+  metrics_path = os.path.join(run_dir, rd.METRICS)
 
   # 3. State: restore the newest good checkpoint, or create it born sharded.
   state, start = None, 0
   if mode == "resume":
     target = abstract_target(setup, cfg)
-    got = ckpt.restore_latest(target, data_iter)
+    got = ckpt.restore_latest(target, data_iter, check_meta=check_meta_fn(
+        cfg, data_fp, where=ckpt.directory, allow_data_change=allow_data_change))
     if got is None:
-      raise ConfigError(f"--resume is not allowed: no usable checkpoint in {ckpt.directory}")
-    state, _, start = got
-    # Orbax-restored buffers may not be donatable: re-materialise them through an identity jit.
-    state = jax.jit(lambda s: s, out_shardings=setup.state_shardings)(state)
+      _say(f"resume: {ckpt.directory} holds no usable checkpoint yet; starting from step 0")
+    else:
+      state, _, start = got
+      # Orbax-restored buffers may not be donatable: re-materialise them through an identity jit.
+      state = jax.jit(lambda s: s, out_shardings=setup.state_shardings)(state)
+    if start >= cfg.train.steps:
+      _say(f"nothing to do: the run is already at step {start} >= train.steps={cfg.train.steps}; "
+           "nothing was changed")
+      ckpt.close()
+      return {"run_dir": run_dir, "step": start, "eval": {}}
     if main:
-      truncate_after(os.path.join(run_dir, rd.METRICS), start)
-    _say(f"resumed from step {start} ({ckpt.directory}/{start})")
+      changed = diff(rd.read_config(run_dir), cfg)
+      if changed:
+        _say(f"resume: config changes {', '.join(changed)}")
+      rd.write_config(run_dir, cfg)
+      truncate_after(metrics_path, start if got is not None else -1)
+    if got is not None:
+      _say(f"resumed from step {start} ({ckpt.directory}/{start})")
   if state is None:
     state = create_state(cfg, setup)
-  if start >= cfg.train.steps:
-    _say(f"nothing to do: the run is already at step {start} >= train.steps={cfg.train.steps}")
+  progress_state["step"], progress_state["saved"] = start, ckpt.latest_step()
+  _check_stop(sig, run_dir, progress_state)
 
   writer = MetricsWriter(run_dir, enabled=main)
   eval_batches = [_to_device(b, setup) for b in eval_host]
@@ -200,6 +295,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
   timed = [0]                      # steps timed in the current window
   last_eval: dict = {}
   last_saved = ckpt.latest_step()
+  run_dir_id = os.stat(run_dir).st_ino
 
   def drain(upto: int):
     """Fetch metrics of steps <= upto; check them; write train records at log steps."""
@@ -220,7 +316,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
         dt = time.perf_counter() - window_t0
         rec = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "z_loss", "grad_norm")}
         rec.update(lr=m["lr"], param_norm=m["param_norm"], grad_norm_layers=m["grad_norm_layers"],
-                   perplexity=math.exp(min(rec["loss"], 700.0)))
+                   perplexity=math.exp(min(rec["loss"], 700.0)), window_steps=len(window))
         if timed[0]:
           rec.update(step_time_s=dt / timed[0], tokens_per_s=tokens_per_step * timed[0] / dt)
         if bytes_per_token:
@@ -251,12 +347,21 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
 
   def save(step: int, wait: bool = False):
     nonlocal last_saved
-    ckpt.save(step, state, data_iter, _meta(cfg), wait=wait)
-    last_saved = step
+    ckpt.save(step, state, data_iter, dict(_meta(cfg), data_fingerprint=data_fp), wait=wait)
+    last_saved = progress_state["saved"] = step
+
+  def check_run_dir_alive():
+    try:
+      alive = os.stat(run_dir).st_ino == run_dir_id
+    except OSError:
+      alive = False
+    if not alive:
+      raise SaveFailed(f"the run directory {run_dir} was deleted or replaced while training; "
+                       "stopped (nothing more can be saved there)")
 
   step = start
   try:
-    with _Signals() as sig, setup.context():
+    with setup.context():
       if start == 0 and t.eval_every:
         run_eval(0)
       if start == 0 and t.diagnostics_every:
@@ -265,8 +370,11 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
         batch = _to_device(next(data_iter), setup)
         state, m = train_step(state, batch)
         step += 1
+        progress_state["step"] = step
         pending.append((step, m))
         drain(step - 1)
+        ckpt.poll()
+        check_run_dir_alive()
         if bar is not None:
           bar.update(1)
         stop = sig.received is not None
@@ -279,7 +387,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
           run_diag(step)
         if stop:
           save(step, wait=True)
-          raise Interrupted(sig.received, step, run_dir)
+          raise Interrupted(sig.received, step, run_dir, saved=True)
         if due_ckpt:
           save(step)
       drain(step)
@@ -288,6 +396,11 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
     if last_saved != step:
       save(step)
     ckpt.wait()
+  except OSError as e:
+    ckpt.broken = True
+    ckpt.remove_partial()
+    raise SaveFailed(f"writing the run directory failed at step {step}: "
+                     f"{e.strerror or type(e).__name__} ({e.filename or run_dir})") from None
   finally:
     if bar is not None:
       bar.close()

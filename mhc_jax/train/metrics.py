@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 
 def _clean(v):
@@ -60,16 +61,26 @@ class MetricsWriter:
       self._tb = None
 
 
-def read_jsonl(path: str) -> list[dict]:
-  out = []
-  with open(path, encoding="utf-8") as f:
+def read_jsonl(path: str, warn: bool = True) -> list[dict]:
+  """The records of a metrics file; lines that are not a record (a torn last line of a killed
+  process, stray text) are skipped, and counted in one warning on stderr."""
+  out, bad = [], 0
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       line = line.strip()
-      if line:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue      # a torn last line of a killed process
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        rec = None
+      if isinstance(rec, dict) and isinstance(rec.get("step"), int) and isinstance(rec.get("kind"), str):
+        out.append(rec)
+      else:
+        bad += 1
+  if bad and warn:
+    print(f"warning: {path}: skipped {bad} line(s) that are not metric records", file=sys.stderr,
+          flush=True)
   return out
 
 
@@ -77,7 +88,7 @@ def truncate_after(path: str, step: int):
   """Drop records with `step > step` (a resumed run re-does those steps); atomic rewrite."""
   if not os.path.exists(path):
     return
-  keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+  keep = [r for r in read_jsonl(path) if r["step"] <= step]
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for r in keep:
