@@ -196,6 +196,12 @@ def run(argv: list[str] | None = None) -> dict:
                         "an integer >= 1")
   if args.warmup < 0:
     raise ConfigError(f"--warmup={args.warmup} is not allowed: an integer >= 0")
+  out = args.out
+  if out is None:
+    out = os.path.join("experiments", "results", f"bench_step_{jax.default_backend()}.json")
+  if out != "-":
+    from mhc_jax import paths
+    out = paths.check_file("--out", out, (".json",))   # before the work, not after it
   from mhc_jax.cli import resolve_config
   base = resolve_config(args.preset, args.overrides)
   try:
@@ -253,9 +259,6 @@ def run(argv: list[str] | None = None) -> dict:
       "steps": 0 if args.memory_only else args.steps, "warmup": args.warmup, "interleaved": not args.no_interleave,
       "results": rows,
   }
-  out = args.out
-  if out is None:
-    out = os.path.join("experiments", "results", f"bench_step_{jax.default_backend()}.json")
   if out != "-":
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

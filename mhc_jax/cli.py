@@ -10,9 +10,7 @@
     mhc-jax bench step ...             (mhc_jax.bench_step: train-step time/memory/MFU per connection)
     mhc-jax compare-sharding ...       (mhc_jax.sharding_compare)
 
-Bad input (unknown preset/key, wrong type, missing data, refused run directory, ...) prints one line
-`error: ...` and exits with status 2; a diverged run exits 3; a run stopped by SIGTERM/SIGINT saves a
-checkpoint and exits 128 + signal number.
+Exit status: see EXIT_STATUS below (also printed by `mhc-jax --help`).
 """
 from __future__ import annotations
 
@@ -28,10 +26,21 @@ from mhc_jax.config import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 4
+EXIT_STATUS = """exit status:
+  0         success
+  2         bad input (config, flag, path, data, run directory in use or refused); nothing written
+  3         training diverged (NaN/Inf loss); the bad state is not checkpointed
+  4         a checkpoint save (or another write to the run directory) failed or ran past
+            train.save_timeout_s; earlier checkpoints are kept
+  128+N     stopped by signal N (SIGTERM: 143, SIGINT: 130) after saving the last step, or after
+            train.stop_timeout_s without a new checkpoint"""
+SEED_LIMIT = 2**32
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mhc-jax", description="Hyper-Connections / mHC in JAX")
+  p = argparse.ArgumentParser(prog="mhc-jax", description="Hyper-Connections / mHC in JAX",
+                              epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
 
   def config_args(sp):
@@ -39,11 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field, e.g. model.connection.n_streams=4 (repeatable)")
 
-  t = sub.add_parser("train", help="train a model")
+  t = sub.add_parser("train", help="train a model", epilog=EXIT_STATUS,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   config_args(t)
   t.add_argument("--run-dir", default=None, help="default: runs/<preset>-<date>-<time>")
   t.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-  t.add_argument("--force", action="store_true", help="delete the run in --run-dir and start over")
+  t.add_argument("--force", action="store_true",
+                 help="delete the run in --run-dir (only the files training wrote) and start over")
+  t.add_argument("--allow-data-change", action="store_true",
+                 help="with --resume: continue although the corpus changed since the checkpoint")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
   shd.add_distributed_args(t)   # multi-host: jax.distributed flags (mhc_jax.sharding)
 
@@ -57,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--run-dir", required=True)
   s.add_argument("--step", type=int, default=None)
   s.add_argument("--prompt", default="def ")
-  s.add_argument("--tokens", type=int, default=200)
+  s.add_argument("--tokens", type=int, default=None,
+                 help="new tokens (default: 200, or as many as fit in model.max_seq_len)")
   s.add_argument("--temperature", type=float, default=0.8)
   s.add_argument("--top-k", type=int, default=40)
   s.add_argument("--seed", type=int, default=0)
@@ -65,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
   pl = sub.add_parser("plot", help="plot loss and gain curves of runs to PNG")
   pl.add_argument("run_dirs", nargs="+")
-  pl.add_argument("--out", default="plot.png")
+  pl.add_argument("--out", default="plot.png", help="image file (.png, .pdf, .svg)")
 
   c = sub.add_parser("show-config", help="print the resolved config as JSON")
   config_args(c)
@@ -107,7 +121,27 @@ def _distributed():
   maybe_initialize_distributed()
 
 
+def _exit_now(code: int, message: str):
+  """Print `message`, flush, and end the process at once: Orbax's non-daemon threads, possibly
+  stuck on a failed write, must not keep it alive."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)
+
+
+def _check_backend():
+  """A JAX_PLATFORMS naming hardware this machine lacks is bad input, not a traceback."""
+  import jax
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError, ValueError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ConfigError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} is not usable here "
+                      f"({first}); unset it or choose a platform this machine has, e.g. cpu") from None
+
+
 def cmd_train(args) -> int:
+  from mhc_jax.checkpoint import SaveFailed
   from mhc_jax.train.loop import Interrupted, TrainingDiverged, train
   cfg = resolve_config(args.preset, args.overrides, args.run_dir, args.resume)
   run_dir = args.run_dir
@@ -115,14 +149,19 @@ def cmd_train(args) -> int:
     if args.resume:
       raise ConfigError("--resume needs --run-dir (the run to continue)")
     run_dir = os.path.join("runs", f"{args.preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}")
+  _check_backend()
   try:
-    train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+    train(cfg, run_dir, resume=args.resume, force=args.force,
+          allow_data_change=args.allow_data_change, progress=not args.no_progress)
   except TrainingDiverged as e:
     print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
     return EXIT_DIVERGED
+  except SaveFailed as e:
+    _exit_now(EXIT_SAVE_FAILED, f"error: {e}")
   except Interrupted as e:
-    print(str(e), file=sys.stderr, flush=True)
-    return 128 + e.signum
+    _exit_now(128 + e.signum, str(e))
+  except KeyboardInterrupt:
+    _exit_now(130, "interrupted")
   return 0
 
 
@@ -131,8 +170,11 @@ def cmd_eval(args) -> int:
   import jax
   from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
   from mhc_jax.train.loop import _jit_steps, _to_device, count_bytes, evaluate, load_checkpoint
+  if args.batches is not None and args.batches < 1:
+    raise ConfigError(f"--batches={args.batches} is not allowed: an integer >= 1")
+  _check_backend()
   cfg, state, step, setup = load_checkpoint(args.run_dir, args.step)
-  n = args.batches or cfg.train.eval_batches
+  n = cfg.train.eval_batches if args.batches is None else args.batches
   if n < 1:
     raise ConfigError(f"--batches={n} is not allowed: an integer >= 1")
   pi, pc = jax.process_index(), jax.process_count()
@@ -149,31 +191,50 @@ def cmd_eval(args) -> int:
   return 0
 
 
+def _check_sample_args(args):
+  import math
+  if args.num < 1:
+    raise ConfigError(f"--num={args.num} is not allowed: an integer >= 1")
+  if args.top_k < 0:
+    raise ConfigError(f"--top-k={args.top_k} is not allowed: an integer >= 0 (0 = no limit)")
+  if not math.isfinite(args.temperature) or args.temperature < 0:
+    raise ConfigError(f"--temperature={args.temperature} is not allowed: a finite number >= 0")
+  if not 0 <= args.seed < SEED_LIMIT:
+    raise ConfigError(f"--seed={args.seed} is not allowed: an integer in [0, 2**32)")
+  if args.tokens is not None and args.tokens < 1:
+    raise ConfigError(f"--tokens={args.tokens} is not allowed: an integer >= 1")
+
+
 def cmd_sample(args) -> int:
   _distributed()
   from mhc_jax.data import make_tokenizer
   from mhc_jax.sample import generate
   from mhc_jax.train.loop import load_checkpoint
-  if args.num < 1:
-    raise ConfigError(f"--num={args.num} is not allowed: an integer >= 1")
-  if args.top_k < 0:
-    raise ConfigError(f"--top-k={args.top_k} is not allowed: an integer >= 0 (0 = no limit)")
+  _check_sample_args(args)
+  _check_backend()
   cfg, state, step, _ = load_checkpoint(args.run_dir, args.step)
   tok = make_tokenizer(cfg.data)
   import numpy as np
-  prompt = np.tile(tok.encode(args.prompt)[None], (args.num, 1))
-  out = generate(cfg.model, state.params, prompt, max_new_tokens=args.tokens,
+  ids = tok.encode(args.prompt)
+  room = cfg.model.max_seq_len - len(ids)
+  if room < 1:
+    raise ConfigError(f"--prompt is not allowed: it has {len(ids)} tokens, the model reads at most "
+                      f"{cfg.model.max_seq_len - 1} before generating (model.max_seq_len="
+                      f"{cfg.model.max_seq_len})")
+  n_new = min(200, room) if args.tokens is None else args.tokens
+  prompt = np.tile(ids[None], (args.num, 1))
+  out = generate(cfg.model, state.params, prompt, max_new_tokens=n_new,
                  temperature=args.temperature, top_k=args.top_k, seed=args.seed)
   for row in out:
-    print(args.prompt + tok.decode(row))
+    print(tok.decode(np.concatenate([ids, row])))
     if args.num > 1:
       print("-" * 60)
   return 0
 
 
 def cmd_plot(args) -> int:
-  from mhc_jax.plot import plot_runs
-  print(plot_runs(args.run_dirs, args.out))
+  from mhc_jax.plot import check_out, plot_runs
+  print(plot_runs(args.run_dirs, check_out(args.out)))
   return 0
 
 
@@ -183,8 +244,17 @@ def cmd_show_config(args) -> int:
   return 0
 
 
+def _quiet_libraries():
+  """Orbax and TensorStore report a failed write or read with long tracebacks in their logs (absl,
+  asyncio); the commands report it in one line instead."""
+  import logging
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  _quiet_libraries()
   try:
     # Tools with their own argument parsers get every remaining argument (including --help).
     if argv[:1] == ["compare-sharding"]:

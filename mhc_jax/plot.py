@@ -17,18 +17,35 @@ def _series(records, kind, key):
   return [p[0] for p in pts], [p[1] for p in pts]
 
 
+SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_out(out: str) -> str:
+  """`--out` as a writable image path: an existing directory or a trailing `/` gets `plot.png`."""
+  from mhc_jax import paths
+  if out.endswith(os.sep) or os.path.isdir(out):
+    out = os.path.join(out, "plot.png")
+  return paths.check_file("--out", out, SUFFIXES)
+
+
+def _records(d: str) -> list[dict]:
+  """The metric records of a run directory (or of a `metrics.jsonl` file); at least one."""
+  path = os.path.join(d, "metrics.jsonl") if os.path.isdir(d) else d
+  if not os.path.isfile(path):
+    raise ConfigError(f"plot: {d!r} is not allowed: no metrics.jsonl there (not a run directory)")
+  recs = read_jsonl(path)
+  if not recs:
+    raise ConfigError(f"plot: {d!r} is not allowed: {path} holds no metric records")
+  return recs
+
+
 def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> str:
   """Draw the runs' curves into `out` (PNG); returns its path."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  runs = []
-  for d in run_dirs:
-    path = os.path.join(d, "metrics.jsonl") if os.path.isdir(d) else d
-    if not os.path.isfile(path):
-      raise ConfigError(f"plot: {d!r} is not allowed: no metrics.jsonl there (not a run directory)")
-    runs.append(read_jsonl(path))
+  runs = [_records(d) for d in run_dirs]
   labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for rec, label in zip(runs, labels):

@@ -61,8 +61,10 @@ def generate(cfg: ModelConfig, params, prompt_ids, *, max_new_tokens: int, tempe
   if total > cfg.max_seq_len:
     raise ConfigError(f"--tokens={max_new_tokens} is not allowed: prompt ({prompt.shape[1]}) + new "
                       f"tokens must be <= model.max_seq_len={cfg.max_seq_len}")
-  if temperature < 0:
-    raise ConfigError(f"--temperature={temperature} is not allowed: a number >= 0")
+  if not np.isfinite(temperature) or temperature < 0:
+    raise ConfigError(f"--temperature={temperature} is not allowed: a finite number >= 0")
+  if not 0 <= int(seed) < 2**32:
+    raise ConfigError(f"--seed={seed} is not allowed: an integer in [0, 2**32)")
   out = _generate(params, jnp.asarray(prompt), jax.random.PRNGKey(seed), cfg=cfg,
                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                   top_k=int(top_k))
@@ -70,7 +72,8 @@ def generate(cfg: ModelConfig, params, prompt_ids, *, max_new_tokens: int, tempe
 
 
 def sample_text(cfg: ModelConfig, params, tokenizer, prompt: str, **kw) -> str:
-  """Prompt followed by the generated continuation, decoded."""
+  """Prompt followed by the generated continuation, decoded together (bytes of the prompt that are
+  not UTF-8 become U+FFFD, as in generated text)."""
   ids = tokenizer.encode(prompt)
   new = generate(cfg, params, ids, **kw)[0]
-  return prompt + tokenizer.decode(new)
+  return tokenizer.decode(np.concatenate([ids, new]))

@@ -518,8 +518,35 @@ def merge(paths: list[str], note: str | None = None) -> dict:
   return head
 
 
+def _check_args(args):
+  """Every flag checked before any work (one line, exit 2), so a long run never fails at its end."""
+  from mhc_jax import paths
+  if args.steps < 0:
+    fail("--steps", args.steps, "an integer >= 0")
+  if args.cpu_devices is not None and args.cpu_devices < 1:
+    fail("--cpu-devices", args.cpu_devices, "an integer >= 1")
+  if not args.merge:
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+      fail("--strategies", args.strategies, "a comma-separated list of " + ", ".join(STRATEGIES))
+  if args.out:
+    paths.check_file("--out", args.out + ".json", (".json",))
+  for path in args.merge or ():
+    try:
+      with open(path) as f:
+        r = json.load(f)
+    except (OSError, ValueError) as e:
+      fail("--merge", path, f"a readable results JSON file ({type(e).__name__})")
+    ok = (isinstance(r, dict) and isinstance(r.get("rows"), list) and "device" in r
+          and isinstance(r.get("config"), dict) and "model" in r["config"]
+          and all(isinstance(row, dict) and "name" in row and "connection" in row for row in r["rows"]))
+    if not ok:
+      fail("--merge", path, "a results file written by compare-sharding (config, device, rows)")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  _check_args(args)
   if args.cpu_devices:
     import jax
     try:
@@ -535,7 +562,14 @@ def main(argv: list[str] | None = None) -> int:
       fail("--out", out, "a path prefix when --merge is given")
     result = merge(args.merge, args.note)
   else:
-    result = run(args, partial_path=out + ".partial.json" if out else None)
+    try:
+      result = run(args, partial_path=out + ".partial.json" if out else None)
+    except ConfigError as e:
+      import jax
+      if args.topology or jax.device_count() > 1:
+        raise
+      raise ConfigError(f"{e} (this process has one device: pass --cpu-devices 8 for fake CPU "
+                        "devices, or --topology for a TPU ahead-of-time compile)") from None
   print(_fmt_table(result["rows"]))
   if result["loss_max_abs_diff_across_strategies"]:
     print("loss after the last step, max |difference| across strategies: " + ", ".join(

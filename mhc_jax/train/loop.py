@@ -230,6 +230,8 @@ def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progre
     ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep,
                         save_timeout_s=cfg.train.save_timeout_s)
     cleanup.insert(0, ckpt.remove_partial)
+    if main:
+      ckpt.remove_partial()    # left by an earlier process that was cut short; the lock is ours
     return _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_host, data_fp,
                 bytes_per_token, eval_bytes, ckpt, mode, allow_data_change, progress, final_outputs)
   finally:

@@ -78,7 +78,7 @@ def read_jsonl(path: str, warn: bool = True) -> list[dict]:
         out.append(rec)
       else:
         bad += 1
-  if bad and warn:
+  if bad and out and warn:
     print(f"warning: {path}: skipped {bad} line(s) that are not metric records", file=sys.stderr,
           flush=True)
   return out
