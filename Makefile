@@ -2,10 +2,12 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-EXTRAS ?= dev,notebooks,tpu-aot
+EXTRAS ?= dev,notebooks,tpu-aot,gpu-aot
+# bench-gpu runs on a GPU machine with JAX (and its CUDA plugin) already installed: no venv, no pip.
+PYTHON3 ?= python3
 export PYTHONHASHSEED ?= 0
 
-.PHONY: venv train test test-fast bench clean
+.PHONY: venv train test test-fast bench bench-gpu gpu-aot clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	@PYBIN=$$(.ci/find-python) || exit 1; \
@@ -30,6 +32,15 @@ test-fast: venv
 
 bench: venv
 	$(VENV)/bin/mhc-jax bench kernels $(ARGS)
+
+# One H100 / H200: kernels (xla vs pallas), bench step d2048 / seq 2048 (residual vs mHC n=4), peers.
+# Writes experiments/results/bench_gpu_<date>.json as it goes; each section has a time budget.
+bench-gpu:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON3) -m mhc_jax.tools.bench_gpu $(ARGS)
+
+# Deviceless H100 compile sweep (kernels + 1b train step) -> experiments/results/h100_aot_<date>.json.
+gpu-aot: venv
+	JAX_PLATFORMS=cpu $(PY) -m mhc_jax.tools.gpu_aot $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

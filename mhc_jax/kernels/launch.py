@@ -34,6 +34,8 @@ class KernelCfg:
   spec: MapSpec | None = None     # mapping (pre kernels only)
   norm_count: int = 0             # features in the RMS mean when x is a feature shard (0: n*c)
   dpre_given: bool = False        # pre backward: dH already holds <du, x[j]> (feature-sharded path)
+  num_warps: int = 4              # GPU (Triton) only
+  num_stages: int = 2             # GPU (Triton) only
 
   @property
   def nc(self) -> int:
@@ -79,7 +81,8 @@ def call(cfg: KernelCfg, body, *, tokens: int, in_specs, out_specs, out_shape):
                                                      vmem_limit_bytes=_VMEM_LIMIT)
   else:
     from jax.experimental.pallas import triton as pltriton
-    kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                         num_stages=cfg.num_stages)
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*")
     return pl.pallas_call(body, grid=grid, in_specs=in_specs, out_specs=out_specs,
