@@ -458,14 +458,16 @@ def load_checkpoint(run_dir: str, step: int | None = None, devices=None):
   ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep)
   try:
     target = abstract_target(setup, cfg)
+    check = check_meta_fn(cfg, None, where=ckpt.directory)
     if step is None:
-      got = ckpt.restore_latest(target, quarantine=False)
+      got = ckpt.restore_latest(target, quarantine=False, check_meta=check)
       if got is None:
         raise ConfigError(f"--run-dir {run_dir!r} is not allowed: it holds no usable checkpoint")
       state, _, step = got
     else:
       if step not in ckpt.steps():
         raise ConfigError(f"--step={step} is not allowed: choose one of {ckpt.steps()}")
+      check(step, ckpt.read_meta(step) or {})
       state, _ = ckpt.restore(step, target)
   finally:
     ckpt.close()
