@@ -130,14 +130,30 @@ def _exit_now(code: int, message: str):
 
 
 def _check_backend():
-  """A JAX_PLATFORMS naming hardware this machine lacks is bad input, not a traceback."""
+  """A JAX_PLATFORMS naming hardware this machine lacks is bad input, not a traceback. The native
+  runtimes' own start-up messages (written straight to stderr) are shown only when it works."""
+  import tempfile
   import jax
-  try:
-    jax.devices()
-  except (RuntimeError, AssertionError, ValueError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise ConfigError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} is not usable here "
-                      f"({first}); unset it or choose a platform this machine has, e.g. cpu") from None
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as log:
+    os.dup2(log.fileno(), 2)
+    try:
+      jax.devices()
+      error = None
+    except (RuntimeError, AssertionError, ValueError) as e:
+      error = e
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    if error is None:
+      log.seek(0)
+      sys.stderr.write(log.read().decode("utf-8", "replace"))
+      sys.stderr.flush()
+      return
+  first = (str(error).strip().splitlines() or ["its runtime did not start"])[0][:200]
+  raise ConfigError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} is not usable here "
+                    f"({first}); unset it or choose a platform this machine has, e.g. cpu")
 
 
 def cmd_train(args) -> int:
