@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -101,7 +102,7 @@ class Checkpointer:
   # -- save ---------------------------------------------------------------------------------------
   def preflight(self):
     """Raise `SaveFailed` unless the folder takes a new file and has room for one more checkpoint."""
-    probe = os.path.join(self.directory, f".write-probe-{os.getpid()}")
+    probe = os.path.join(self.directory, f".write-probe-{socket.gethostname()}-{os.getpid()}")
     try:
       if not os.path.isdir(self.directory):
         raise FileNotFoundError(errno.ENOENT, "the checkpoint folder is gone", self.directory)

@@ -190,6 +190,18 @@ def _check_stop(sig: StopSignals, run_dir: str, state: dict):
     raise Interrupted(sig.received, state["step"], run_dir, saved=False)
 
 
+def _cannot_write(run_dir: str, e: OSError) -> SaveFailed:
+  return SaveFailed(f"cannot write the run directory {run_dir} "
+                    f"({e.strerror or type(e).__name__}: {e.filename or run_dir})")
+
+
+def _lock(run_dir: str) -> rd.RunLock:
+  try:
+    return rd.RunLock(run_dir)
+  except OSError as e:
+    raise _cannot_write(run_dir, e) from None
+
+
 def _prepare_run_dir(run_dir: str, cfg: RunConfig, mode: str, lock: rd.RunLock):
   """Clear (`--force`) and write the config of a fresh run; a failed write leaves nothing behind."""
   try:
@@ -197,12 +209,8 @@ def _prepare_run_dir(run_dir: str, cfg: RunConfig, mode: str, lock: rd.RunLock):
       rd.clear(run_dir)
     rd.write_config(run_dir, cfg)
   except OSError as e:
-    if lock.created_dir and not rd._entries(run_dir):
-      lock.release()
-      for p in (lock.path, run_dir):
-        (os.remove if p == lock.path else os.rmdir)(p)
-    raise SaveFailed(f"cannot write the run directory {run_dir} "
-                     f"({e.strerror or type(e).__name__}: {e.filename or run_dir})") from None
+    lock.remove()
+    raise _cannot_write(run_dir, e) from None
 
 
 def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progress_state: dict, *,
@@ -221,7 +229,7 @@ def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progre
 
   # 2. Now the run directory: lock it, then write.
   main = shd.is_main_process()
-  lock = rd.RunLock(run_dir) if main else None
+  lock = _lock(run_dir) if main else None
   if lock is not None:
     cleanup.append(lock.release)
   try:

@@ -39,7 +39,7 @@ OWNED_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", "eval.json", 
                "plot.png")
 RESUMABLE_SECTIONS = ("train.", "mesh.")
 _OWNED_IN = {TB: re.compile(r"events\.out\.tfevents\..*"),
-             CHECKPOINTS: re.compile(r"\d+(\.corrupt\d*|\.orbax-checkpoint-tmp.*)?|\.write-probe-\d+")}
+             CHECKPOINTS: re.compile(r"\d+(\.corrupt\d*|\.orbax-checkpoint-tmp.*)?|\.write-probe-.+")}
 
 
 def read_config(run_dir: str) -> tcfg.RunConfig:
@@ -229,8 +229,24 @@ class RunLock:
             file=sys.stderr, flush=True)
     me = {"host": host, "pid": os.getpid(),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, json.dumps(me).encode(), 0)
+    try:
+      os.ftruncate(self._fd, 0)
+      os.pwrite(self._fd, json.dumps(me).encode(), 0)
+    except OSError:
+      self.remove()
+      raise
+
+  def remove(self):
+    """Release, and delete the lock file and the run directory if this lock created it and it holds
+    nothing else (a start that failed on a full or broken disk leaves nothing behind)."""
+    self.release()
+    run_dir = os.path.dirname(self.path)
+    if self.created_dir and not _entries(run_dir):
+      for p, rm in ((self.path, os.remove), (run_dir, os.rmdir)):
+        try:
+          rm(p)
+        except OSError:
+          pass
 
   def _close(self):
     if self._fd is not None:

@@ -92,8 +92,19 @@ def test_tmpfs_full_disk_is_one_line_when_mounting_is_possible(corpus, tmp_path)
     pytest.skip("cannot mount a tmpfs here (test_full_disk_before_a_save covers the path)")
   try:
     run = disk / "run"
-    res = cli(train_args(corpus, run, "train.checkpoint_every=5", "train.eval_every=0",
-                         "train.sample_tokens=0", "train.keep=10", steps=200), timeout=180)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:                        # full before the run starts
+      try:
+        while True:
+          f.write(b"\0" * 65536)
+      except OSError:
+        pass
+    args = train_args(corpus, run, "train.checkpoint_every=5", "train.eval_every=0",
+                      "train.sample_tokens=0", "train.keep=10", steps=200)
+    assert_clean(cli(args, timeout=180), 4, "No space left")
+    assert not run.exists()                              # no config.json.tmp, no empty run dir
+    filler.unlink()
+    res = cli(args, timeout=180)                         # fills up while training
     assert_clean(res, 4)
     assert ckpt_steps(run) and not tmp_dirs(run)
   finally:
