@@ -96,6 +96,7 @@ def test_show_config_and_module_entry_point(capsys):
   out = subprocess.run([sys.executable, "-m", "mhc_jax", "--help"], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
   assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
+  assert "exit status:" in out.stdout and "4         a checkpoint save" in out.stdout
 
 
 def _train_losses(run_dir):

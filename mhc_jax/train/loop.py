@@ -409,7 +409,7 @@ def _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_ho
   except OSError as e:
     ckpt.broken = True
     ckpt.remove_partial()
-    raise SaveFailed(f"writing the run directory failed at step {step}: "
+    raise SaveFailed(f"an I/O error stopped the run at step {step}: "
                      f"{e.strerror or type(e).__name__} ({e.filename or run_dir})") from None
   finally:
     if bar is not None:
