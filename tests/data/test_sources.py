@@ -149,8 +149,7 @@ def test_tfds_by_name_reads_a_really_prepared_dataset(tmp_path):
   assert next(make_train_iterator(cfg))["inputs"].shape == (2, 32)
   msg = _error(DataConfig(**{**vars(cfg), "text_key": "body"}))
   assert msg.startswith("data.text_key='body' is not allowed") and "'path'" in msg
-  one = DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "cache2"),
-                   val_fraction=0.0)
+  one = DataConfig(source="files", path=str(tmp_path / "c"), data_dir=str(tmp_path / "cache2"))
   train_only = text_builder.prepare_local_text(corpus.list_corpus_files(one), str(tmp_path / "cache2"),
                                                0.0)
   msg = _error(DataConfig(**{**vars(cfg), "data_dir": train_only}), what="eval")
