@@ -49,7 +49,9 @@ class ConnectionConfig:
   dynamic: HC only; False gives static HC (theta fixed at 0).
   init: mHC/mHC-lite initial parameters; see `mhc_jax.layers.init` for the presets.
   sinkhorn_eps / pre_eps / mix_dtype: 0, 0, "float32" for the paper; `dsv4()` for DeepSeek-V4.
-  implementation: stream-op backend (`auto|xla|pallas|interpret`, see `mhc_jax.kernels`).
+  implementation: stream-op backend (`auto|xla|pallas|interpret`, see `mhc_jax.kernels`). `auto`
+    takes the Pallas kernels on GPU/TPU where they support the shape and dtype, else XLA (CPU);
+    `pallas` / `interpret` need kind mhc or mhc_lite and `mix_dtype="float32"`.
   """
   kind: str = "mhc"
   n_streams: int = 4
@@ -61,7 +63,7 @@ class ConnectionConfig:
   gate_init: float = 0.01
   init: str = "hc_like"
   mix_dtype: str = "float32"
-  implementation: str = "xla"
+  implementation: str = "auto"
 
   def __post_init__(self):
     check_choice("connection.kind", self.kind, KINDS)
@@ -81,6 +83,18 @@ class ConnectionConfig:
     check_choice("connection.init", self.init, INITS)
     check_choice("connection.mix_dtype", self.mix_dtype, ("float32", "activation"))
     check_choice("connection.implementation", self.implementation, IMPLEMENTATIONS)
+    if self.implementation in ("pallas", "interpret"):
+      if self.kind not in ("mhc", "mhc_lite"):
+        fail("connection.implementation", self.implementation,
+             f"kernels exist for kind 'mhc' and 'mhc_lite' (kind={self.kind!r}): use 'auto' or 'xla'")
+      if self.mix_dtype != "float32":
+        fail("connection.implementation", self.implementation,
+             f"kernels mix streams in float32: needs connection.mix_dtype='float32' "
+             f"(got {self.mix_dtype!r}); use 'auto' or 'xla'")
+      if self.kind == "mhc_lite" and self.n_streams > 5:
+        fail("connection.implementation", self.implementation,
+             f"the mhc_lite kernel takes n_streams <= 5 (n! lanes; got {self.n_streams}); "
+             "use 'auto' or 'xla'")
 
   @property
   def n(self) -> int:

@@ -2,7 +2,8 @@
 
 Mesh axes are `("data", "fsdp", "tensor")`, always all three (size 1 where unused), built with explicit
 `AxisType.Auto` (GSPMD + logical constraints). The model names only logical axes
-(`batch, length, streams, embed, heads, kv, mlp, vocab, layers, mhc`); a strategy is just a rules table:
+(`batch, length, streams, embed, heads, kv, mlp, vocab, layers` and the connection parameters'
+`mhc_*` names, which stay replicated); a strategy is just a rules table:
 
   strategy  batch            params                                   typical shape
   dp        (data, fsdp)     replicated                               (N, 1, 1)
@@ -34,12 +35,14 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mhc_jax.config import ConfigError, check_choice, fail
+from mhc_jax.ops.mappings import mhc_mappings
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp", "hsdp")
 STREAM_SHARDINGS = ("replicated", "feature", "sequence")
-LOGICAL_AXES = ("batch", "length", "streams", "embed", "heads", "kv", "mlp", "vocab", "layers", "mhc")
+LOGICAL_AXES = ("batch", "length", "streams", "embed", "heads", "kv", "mlp", "vocab", "layers",
+                "mhc_in", "mhc_out", "mhc_streams", "mhc_streams_in", "mhc_gates")
 
 # Default mesh shape per strategy when `MeshConfig.shape` is None; -1 takes the remaining devices.
 DEFAULT_SHAPES = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "tp": (1, 1, -1), "fsdp_tp": (1, -1, 2),
@@ -152,68 +155,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-_UNBOX_PATCH_DEPTH = [0]
-_ORIGINAL_UNBOX: list = []
-
-
 @contextlib.contextmanager
-def _params_unconstrained():
-  """Inside: boxed parameter values are unboxed without a sharding constraint.
-
-  Flax re-runs every initialiser under `eval_shape` in `apply` (a shape check) and, under a mesh,
-  constrains the boxed result; that raises for kernels created flat and boxed with more names
-  (`nn.DenseGeneral` with multi-dim features) and for repeated names such as `("mhc", "mhc")`. Those
-  values are thrown away; the real parameters arrive already placed by the jit's `in_shardings` (and
-  are born sharded through `out_shardings`), so only activation constraints matter here.
-  """
-  from flax.linen import spmd
-  cls = spmd.LogicallyPartitioned
-  if not _ORIGINAL_UNBOX:
-    _ORIGINAL_UNBOX.append(cls.unbox)
-  original = _ORIGINAL_UNBOX[0]
-  if _UNBOX_PATCH_DEPTH[0] == 0:
-    cls.unbox = lambda self, apply_constraint=True: original(self, apply_constraint=False)
-  _UNBOX_PATCH_DEPTH[0] += 1
-  try:
-    yield
-  finally:
-    _UNBOX_PATCH_DEPTH[0] -= 1
-    if _UNBOX_PATCH_DEPTH[0] == 0:
-      cls.unbox = original
-
-
-@contextlib.contextmanager
-def sharding_context(mesh: Mesh, mesh_cfg: MeshConfig, constrain_params: bool = False):
+def sharding_context(mesh: Mesh, mesh_cfg: MeshConfig):
   """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`: trace/apply the model inside this.
 
-  Activations are constrained by the model's logical names. `constrain_params=False` (default) skips
-  the constraint Flax puts on freshly initialised boxed values (see `_params_unconstrained`); create
-  parameters through `jax.jit(init, out_shardings=...)` instead.
-  Pitfall: `jax.jit` caches traces per function and the Flax rules are not part of the key, so jit a
-  fresh function (e.g. `make_train_step(cfg)`) per strategy rather than re-tracing one under new rules.
+  Activations are constrained by the model's logical names, and the connection kernels run inside
+  `shard_map` over the same layout. Create parameters through `jax.jit(init, out_shardings=...)`
+  (`param_shardings`). Pitfall: `jax.jit` caches traces per function and the Flax rules are not
+  part of the key, so jit a fresh function (e.g. `make_train_step(cfg)`) per strategy rather than
+  re-tracing one under new rules.
   """
   import flax.linen as nn
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(logical_rules(mesh_cfg)))
-    if not constrain_params:
-      stack.enter_context(_params_unconstrained())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(mesh_cfg)):
     yield
 
 
 def param_shardings(abstract_params: Any, mesh: Mesh, mesh_cfg: MeshConfig) -> Any:
   """NamedShardings for a (boxed, e.g. from `jax.eval_shape(model.init, ...)`) variable tree."""
   import flax.linen as nn
-
-  def dedupe(spec):   # ("mhc", "mhc") -> ("mhc", None): Flax refuses a name twice in one array
-    seen, out = set(), []
-    for name in spec:
-      out.append(None if name in seen else name)
-      seen.add(name)
-    return P(*out)
-  specs = jax.tree.map(dedupe, nn.get_partition_spec(abstract_params),
-                       is_leaf=lambda x: isinstance(x, P))
-  return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(mesh_cfg))
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params), mesh,
+                                     logical_rules(mesh_cfg))
 
 
 def opt_state_shardings(tx, abstract_opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
@@ -232,48 +193,6 @@ def kernel_shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# mHC mappings on feature-sharded streams (inside shard_map).
-
-def sharded_projected_logits(x_BTnc: jax.Array, phi: jax.Array, norm_eps: float,
-                             axis: str = "tensor") -> jax.Array:
-  """`(vec(x) @ phi) * rsqrt(mean(vec(x)^2) + eps)` when x's features are split over `axis`.
-
-  Call inside `shard_map`: `x_BTnc` is the local `[..., n, C/k]` block, `phi` the full `[n*C, w]`.
-  Each shard contracts its own rows of phi (row `j*C + c` of the stream-major layout), then one psum
-  of `w + 1` floats per token (partial projection | partial sum of squares) completes both.
-  """
-  n, c_local = x_BTnc.shape[-2:]
-  k = jax.lax.axis_size(axis)
-  c = c_local * k
-  w = phi.shape[-1]
-  idx = jax.lax.axis_index(axis)
-  phi_nCw = phi.astype(jnp.float32).reshape(n, c, w)
-  phi_local = jax.lax.dynamic_slice_in_dim(phi_nCw, idx * c_local, c_local, axis=1)
-  xf = x_BTnc.astype(jnp.float32)
-  proj = jnp.einsum("...jc,jcw->...w", xf, phi_local, precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
-  sumsq = jnp.sum(jnp.square(xf), axis=(-2, -1))[..., None]
-  both = jax.lax.psum(jnp.concatenate([proj, sumsq], axis=-1), axis)
-  return both[..., :w] * jax.lax.rsqrt(both[..., w:] / (n * c) + norm_eps)
-
-
-def sharded_mhc_mappings(x_BTnc: jax.Array, params, *, sinkhorn_iters: int = 20,
-                         sinkhorn_eps: float = 0.0, norm_eps: float = 1e-6, pre_eps: float = 0.0,
-                         axis: str = "tensor"):
-  """`mhc_jax.mhc_mappings` on a feature-sharded block (inside shard_map); outputs are replicated."""
-  from mhc_jax.ops.sinkhorn import sinkhorn
-  n = x_BTnc.shape[-2]
-  b = params["b"].astype(jnp.float32)
-  alpha = params["alpha"].astype(jnp.float32)
-  logits = sharded_projected_logits(x_BTnc, params["phi"], norm_eps, axis)
-  h_pre = jax.nn.sigmoid(alpha[0] * logits[..., :n] + b[:n]) + pre_eps
-  h_post = 2.0 * jax.nn.sigmoid(alpha[1] * logits[..., n:2 * n] + b[n:2 * n])
-  res = alpha[2] * logits[..., 2 * n:] + b[2 * n:]
-  h_res = sinkhorn(res.reshape(*res.shape[:-1], n, n), iters=sinkhorn_iters, eps=sinkhorn_eps)
-  return h_pre, h_post, h_res
-
-
 def stream_specs(mesh_cfg: MeshConfig) -> dict[str, P]:
   """PartitionSpecs for kernel operands: `x [B,T,n,C]`, `y/u [B,T,C]`, `h [B,T,n]`, `h_res [B,T,n,n]`."""
   x = logical_spec(("batch", "length", "streams", "embed"), mesh_cfg)
@@ -288,13 +207,9 @@ def mhc_mappings_shard_map(mesh: Mesh, mesh_cfg: MeshConfig, **kwargs) -> Callab
   With `stream_sharding="feature"` the projection is psum-ed over `tensor`; otherwise the math is local.
   Keyword arguments go to the mapping (`sinkhorn_iters`, `sinkhorn_eps`, `norm_eps`, `pre_eps`).
   """
-  from mhc_jax.ops.mappings import mhc_mappings
   specs = stream_specs(mesh_cfg)
-  feature = mesh_cfg.stream_sharding == "feature"
-  if feature:
-    body = lambda x, p: sharded_mhc_mappings(x, p, axis="tensor", **kwargs)
-  else:
-    body = lambda x, p: mhc_mappings(x, p, **kwargs)
+  axis = "tensor" if mesh_cfg.stream_sharding == "feature" else None
+  body = lambda x, p: mhc_mappings(x, p, axis=axis, **kwargs)  # noqa: E731
   p_specs = {"phi": P(), "b": P(), "alpha": P()}
   return kernel_shard_map(body, mesh, (specs["x"], p_specs),
                           (specs["h"], specs["h"], specs["h_res"]))

@@ -1,34 +1,54 @@
-"""Public kernel-backed ops with `implementation="auto" | "xla" | "pallas" | "interpret"`.
+"""Kernel-backed stream ops, and the one dispatch point of a connection site.
 
     mhc_pre(x, params, kind=...)     -> (u, h_pre, h_post, h_res)   = ops mappings + ops.stream_pre
     stream_post(x, y, h_res, h_post) -> x_next                      = ops.stream_post
+    site_ops(cfg, x, x_spec)         -> SiteOps, resolved once per call site:
+        pre(x, params) -> (u, Coeffs)        post(x, y, Coeffs) -> x_next
 
-`xla` is the `mhc_jax.ops` path. `pallas` compiles the kernel for the current platform (TPU: Mosaic,
-GPU: Triton lowering) and raises `ConfigError` for an unsupported platform, shape or dtype.
+`implementation`: `xla` is the `mhc_jax.ops` path. `pallas` compiles the kernel for the platform
+(TPU: Mosaic, GPU: Triton) and raises `ConfigError` for an unsupported platform, shape or dtype.
 `interpret` runs the same kernel body in the Pallas interpreter (any platform; tests).
 `auto` is `pallas` on TPU/GPU when the inputs are supported (on TPU also C % 128 == 0, the
-lane-aligned case), else `xla` (always `xla` on CPU).
+lane-aligned case) and the streams mix in float32, else `xla` (always `xla` on CPU).
+
+The platform is the active mesh's (`jax.sharding.get_abstract_mesh()`, so an ahead-of-time compile
+for a TPU or GPU topology takes that platform's kernels), else `jax.default_backend()`.
+
+Under a mesh, `SiteOps` runs the kernels inside `jax.shard_map` with x laid out as `x_spec`, so a
+kernel only ever sees its own block (a Pallas call is opaque to GSPMD, which would gather it):
+tokens (batch, length) split -> the fused kernels per device; features split over an axis -> the
+pre kernel's statistics are psum-ed (`pre_tp`, n*n + 2n + 1 floats per token) and post stays local.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mhc_jax import ops
-from mhc_jax.config import IMPLEMENTATIONS, ConfigError, check_choice
+from mhc_jax.config import IMPLEMENTATIONS, ConfigError, ConnectionConfig, check_choice
 from mhc_jax.kernels import block, launch
-from mhc_jax.kernels.post import fused_post, lanes
+from mhc_jax.kernels.post import fused_post
 from mhc_jax.kernels.pre import fused_pre
+from mhc_jax.kernels.pre_tp import pre_feature_shard
 
 KINDS = ("mhc", "mhc_lite")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def platform_backend() -> str | None:
-  """Kernel backend of the default platform: "tpu", "gpu" or None (no compiled kernels)."""
-  p = jax.default_backend()
+  """Kernel backend of the target platform: "tpu", "gpu" or None (no compiled kernels).
+
+  The active mesh's device platform when a mesh with a known device is set (ahead-of-time
+  topologies included), else the default backend's.
+  """
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  p = device.platform if device is not None else jax.default_backend()
   return "tpu" if p == "tpu" else "gpu" if p in ("gpu", "cuda", "rocm") else None
 
 
@@ -69,6 +89,47 @@ def _check_kind(kind):
   check_choice("kind", kind, KINDS)
 
 
+def _map_spec(kind, n, sinkhorn_iters=20, sinkhorn_eps=0.0, norm_eps=1e-6, pre_eps=0.0):
+  return block.MapSpec(kind, n, int(sinkhorn_iters), float(sinkhorn_eps), float(norm_eps),
+                       float(pre_eps))
+
+
+def _check_params(spec: block.MapSpec, params, c: int):
+  want = {"phi": (spec.n * c, spec.width), "b": (spec.width,), "alpha": (3,)}
+  for key, shape in want.items():
+    if key not in params or tuple(params[key].shape) != shape:
+      got = tuple(params[key].shape) if key in params else "missing"
+      raise ValueError(f"mhc_pre: params[{key!r}] is {got}, expected {shape} for "
+                       f"kind={spec.kind!r}, n={spec.n}, C={c}")
+
+
+def _pre_kernel(impl, spec: block.MapSpec, tune: dict, x, params, axis: str | None = None):
+  """`(u [..., C], packed H [..., W])` of the local block `x [..., n, C]` (features split over
+  `axis` when given: call inside `shard_map`)."""
+  *lead, n, c = x.shape
+  t = math.prod(lead)
+  cfg = launch.make_cfg(impl, n, c, x.dtype, t, spec=spec, **tune)
+  args = (x.reshape(t, n * c), params["phi"], params["b"], params["alpha"])
+  u, h = fused_pre(cfg, *args) if axis is None else pre_feature_shard(cfg, axis, *args)
+  return u.reshape(*lead, c), h.reshape(*lead, h.shape[-1])
+
+
+def _post_kernel(impl, tune: dict, x, y, packed):
+  """`x_next [..., n, C]` from the local blocks of x, y and the packed coefficients."""
+  *lead, n, c = x.shape
+  t = math.prod(lead)
+  cfg = launch.make_cfg(impl, n, c, x.dtype, t, **tune)
+  out = fused_post(cfg, x.reshape(t, n * c), y.reshape(t, c), packed.reshape(t, -1))
+  return out.reshape(x.shape)
+
+
+def _tune(block_tokens=None, max_chunk=None, bf16_passes=None) -> dict:
+  out = {"bt": block_tokens, "max_chunk": max_chunk}
+  if bf16_passes is not None:
+    out["bf16_passes"] = bf16_passes
+  return out
+
+
 def mhc_pre(x: jax.Array, params: Mapping[str, jax.Array], *, kind: str = "mhc",
             sinkhorn_iters: int = 20, sinkhorn_eps: float = 0.0, norm_eps: float = 1e-6,
             pre_eps: float = 0.0, implementation: str = "auto", block_tokens: int | None = None,
@@ -80,47 +141,13 @@ def mhc_pre(x: jax.Array, params: Mapping[str, jax.Array], *, kind: str = "mhc",
   """
   _check_kind(kind)
   impl = resolve(implementation, x, kind)
+  spec = _map_spec(kind, x.shape[-2], sinkhorn_iters, sinkhorn_eps, norm_eps, pre_eps)
   if impl == "xla" or x.size == 0:
-    if kind == "mhc":
-      h_pre, h_post, h_res = ops.mhc_mappings(x, params, sinkhorn_iters=sinkhorn_iters,
-                                              sinkhorn_eps=sinkhorn_eps, norm_eps=norm_eps,
-                                              pre_eps=pre_eps)
-    else:
-      h_pre, h_post, h_res = ops.mhc_lite_mappings(x, params, norm_eps=norm_eps, pre_eps=pre_eps)
-    return ops.stream_pre(x, h_pre), h_pre, h_post, h_res
-  *lead, n, c = x.shape
-  spec = block.MapSpec(kind, n, int(sinkhorn_iters), float(sinkhorn_eps), float(norm_eps),
-                       float(pre_eps))
-  want = {"phi": (n * c, spec.width), "b": (spec.width,), "alpha": (3,)}
-  for key, shape in want.items():
-    if key not in params or tuple(params[key].shape) != shape:
-      got = tuple(params[key].shape) if key in params else "missing"
-      raise ValueError(f"mhc_pre: params[{key!r}] is {got}, expected {shape} for kind={kind!r}, "
-                       f"n={n}, C={c}")
-  t = 1
-  for d in lead:
-    t *= d
-  cfg = launch.make_cfg(impl, n, c, x.dtype, t, spec=spec, bt=block_tokens, max_chunk=max_chunk,
-                        bf16_passes=bf16_passes)
-  u, h = fused_pre(cfg, x.reshape(t, n * c), params["phi"], params["b"], params["alpha"])
-  return (u.reshape(*lead, c),) + _split_h(h, lead, n)
-
-
-def _split_h(h, lead, n):
-  """Packed `H [T, W]` -> `(h_pre [..., n], h_post [..., n], h_res [..., n, n])`."""
-  return (h[:, :n].reshape(*lead, n), h[:, n:2 * n].reshape(*lead, n),
-          h[:, 2 * n:2 * n + n * n].reshape(*lead, n, n))
-
-
-def pack_post(h_res: jax.Array, h_post: jax.Array) -> jax.Array:
-  """`[T, W]` float32 lanes `[0 (n) | H_post (n) | H_res (n*n) | 0 ...]` for the post kernel."""
-  n = h_post.shape[-1]
-  t = h_post.size // n
-  w = lanes(n)
-  parts = [jnp.zeros((t, n), jnp.float32), h_post.reshape(t, n).astype(jnp.float32),
-           h_res.reshape(t, n * n).astype(jnp.float32)]
-  packed = jnp.concatenate(parts, axis=1)
-  return jnp.pad(packed, ((0, 0), (0, w - packed.shape[1])))
+    hs = _xla_mappings(spec, x, params)
+    return (ops.stream_pre(x, hs[0]),) + hs
+  _check_params(spec, params, x.shape[-1])
+  u, packed = _pre_kernel(impl, spec, _tune(block_tokens, max_chunk, bf16_passes), x, params)
+  return (u,) + Coeffs(packed, None, spec.n).split()
 
 
 def stream_post(x: jax.Array, y: jax.Array, h_res: jax.Array, h_post: jax.Array, *,
@@ -135,9 +162,142 @@ def stream_post(x: jax.Array, y: jax.Array, h_res: jax.Array, h_post: jax.Array,
     raise ValueError(f"stream_post: shapes x {x.shape}, y {y.shape}, h_res {h_res.shape}, "
                      f"h_post {h_post.shape} do not match [..., n, C], [..., C], [..., n, n], "
                      "[..., n]")
-  t = 1
-  for d in lead:
-    t *= d
-  cfg = launch.make_cfg(impl, n, c, x.dtype, t, bt=block_tokens, max_chunk=max_chunk)
-  out = fused_post(cfg, x.reshape(t, n * c), y.reshape(t, c), pack_post(h_res, h_post))
-  return out.reshape(x.shape)
+  return _post_kernel(impl, _tune(block_tokens, max_chunk), x, y, pack_post(h_res, h_post))
+
+
+def pack_post(h_res: jax.Array, h_post: jax.Array) -> jax.Array:
+  """`[..., W]` float32 lanes `[0 (n) | H_post (n) | H_res (n*n) | 0 ...]` (the kernel layout)."""
+  n = h_post.shape[-1]
+  lead = h_post.shape[:-1]
+  w = block.MapSpec("mhc", n).lanes
+  parts = [jnp.zeros((*lead, n), jnp.float32), h_post.astype(jnp.float32),
+           h_res.reshape(*lead, n * n).astype(jnp.float32)]
+  packed = jnp.concatenate(parts, axis=-1)
+  return jnp.pad(packed, [(0, 0)] * len(lead) + [(0, w - packed.shape[-1])])
+
+
+def _xla_mappings(spec: block.MapSpec, x, params, axis: str | None = None):
+  if spec.kind == "mhc":
+    return ops.mhc_mappings(x, params, sinkhorn_iters=spec.sinkhorn_iters,
+                            sinkhorn_eps=spec.sinkhorn_eps, norm_eps=spec.norm_eps,
+                            pre_eps=spec.pre_eps, axis=axis)
+  return ops.mhc_lite_mappings(x, params, norm_eps=spec.norm_eps, pre_eps=spec.pre_eps, axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# One connection site.
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "parts"],
+                   meta_fields=["n"])
+@dataclasses.dataclass(frozen=True)
+class Coeffs:
+  """The mapping coefficients, handed from `SiteOps.pre` to `SiteOps.post` as they are.
+
+  Kernel paths: `packed [..., W]` float32 in the kernels' lane layout (`block.py`); XLA path:
+  `parts = (h_pre [..., n], h_post [..., n], h_res [..., n, n])`. `split()` gives the three views.
+  """
+  packed: jax.Array | None
+  parts: tuple | None
+  n: int
+
+  def split(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if self.parts is not None:
+      return tuple(self.parts)
+    h, n = self.packed, self.n
+    lead = h.shape[:-1]
+    return h[..., :n], h[..., n:2 * n], h[..., 2 * n:2 * n + n * n].reshape(*lead, n, n)
+
+
+def _mesh_spec(x, x_spec: P | None) -> P | None:
+  """`x_spec` restricted to the active mesh's axes that divide x's dims; None without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if x_spec is None or mesh.empty:
+    return None
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  out = []
+  for dim, entry in zip(x.shape, tuple(x_spec) + (None,) * (x.ndim - len(x_spec))):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    names = tuple(a for a in names if a in sizes)
+    ok = names and dim % math.prod(sizes[a] for a in names) == 0
+    out.append((names[0] if len(names) == 1 else names) if ok else None)
+  if out[-2] is not None:
+    raise ValueError(f"connection kernels: x_spec={x_spec} shards the stream axis; leave it None")
+  return P(*out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteOps:
+  """The stream ops of one connection site, resolved once (`site_ops`).
+
+  impl: "xla" | "tpu" | "gpu" | "interpret".  spec: the mapping.  hc: HC mappings (XLA only).
+  acc_dtype: stream-mixing accumulation dtype on the XLA path (float32, or the activation dtype).
+  x_spec: x's layout on the active mesh (kernels run under `shard_map`), or None (plain call).
+  """
+  impl: str
+  spec: block.MapSpec | None
+  acc_dtype: Any
+  x_spec: P | None = None
+  hc_norm_eps: float = 1e-6
+
+  def mappings(self, x, params):
+    """`(h_pre, h_post, h_res)` float32 by the XLA path (HC, or mHC / mHC-lite)."""
+    if self.spec is None:
+      return ops.hc_mappings(x, params, norm_eps=self.hc_norm_eps)
+    return _xla_mappings(self.spec, x, params)
+
+  def pre(self, x, params) -> tuple[jax.Array, Coeffs]:
+    """`u = sum_j H_pre[j] x[j]` and the coefficients of this site."""
+    n = x.shape[-2]
+    if self.impl == "xla":
+      hs = self.mappings(x, params)
+      return ops.stream_pre(x, hs[0], acc_dtype=self.acc_dtype), Coeffs(None, hs, n)
+    _check_params(self.spec, params, x.shape[-1])
+    if self.x_spec is None:
+      u, packed = _pre_kernel(self.impl, self.spec, {}, x, params)
+      return u, Coeffs(packed, None, n)
+    *lead, _, feat = self.x_spec
+    body = functools.partial(_pre_kernel, self.impl, self.spec, {}, axis=feat)
+    u, packed = jax.shard_map(
+        body, mesh=jax.sharding.get_abstract_mesh(), in_specs=(self.x_spec, P()),
+        out_specs=(P(*lead, feat), P(*lead, None)), check_vma=False)(x, params)
+    return u, Coeffs(packed, None, n)
+
+  def post(self, x, y, coeffs: Coeffs) -> jax.Array:
+    """`x_next[i] = sum_j H_res[i, j] x[j] + H_post[i] y`."""
+    if self.impl == "xla":
+      h_pre, h_post, h_res = coeffs.split()
+      return ops.stream_post(x, y, h_res, h_post, acc_dtype=self.acc_dtype)
+    body = functools.partial(_post_kernel, self.impl, {})
+    if self.x_spec is None:
+      return body(x, y, coeffs.packed)
+    *lead, _, feat = self.x_spec
+    return jax.shard_map(
+        body, mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(self.x_spec, P(*lead, feat), P(*lead, None)), out_specs=self.x_spec,
+        check_vma=False)(x, y, coeffs.packed)
+
+
+def site_ops(cfg: ConnectionConfig, x, x_spec: P | None = None) -> SiteOps:
+  """Resolve `cfg.implementation` for streams like `x [..., n, C]` (see the module docstring).
+
+  `x_spec`: x's PartitionSpec on the active mesh (from the logical rules); the kernels then run
+  under `shard_map`. HC and `mix_dtype="activation"` take the XLA path (`auto`); `pallas` /
+  `interpret` for them are rejected by `ConnectionConfig`.
+  """
+  acc = jnp.float32 if cfg.mix_dtype == "float32" else x.dtype
+  if cfg.kind not in KINDS:
+    return SiteOps("xla", None, acc, hc_norm_eps=cfg.norm_eps)
+  spec = _map_spec(cfg.kind, x.shape[-2], cfg.sinkhorn_iters, cfg.sinkhorn_eps, cfg.norm_eps,
+                   cfg.pre_eps)
+  impl = "xla" if cfg.mix_dtype != "float32" else resolve(cfg.implementation, x, cfg.kind,
+                                                          "connection.implementation")
+  if impl == "xla" or x.size == 0:
+    return SiteOps("xla", spec, acc)
+  return SiteOps(impl, spec, acc, _mesh_spec(x, x_spec))
+
+
+def check_site(cfg: ConnectionConfig, d_model: int, dtype) -> str:
+  """The path a site with streams `[..., n, d_model]` of `dtype` takes on the target platform
+  ("xla", "tpu", "gpu", "interpret"); raises ConfigError when `cfg.implementation` cannot run there.
+  Call under the run's mesh before anything is traced or written."""
+  return site_ops(cfg, jax.ShapeDtypeStruct((1, cfg.n_streams, d_model), dtype)).impl

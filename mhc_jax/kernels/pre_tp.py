@@ -4,7 +4,8 @@ Each device holds `x [T, n, C/k]` and the matching rows of `phi`. Then:
   1. stats kernel: partial `proj = x_shard @ phi_shard` and partial sum of squares;
   2. one `psum` over `axis` of `n*n + 2n + 1` floats per token (the packed projection and sumsq);
   3. finish kernel (the pre kernel with the stats given): mapping, and the local slice of `u`.
-Backward: recompute 1-2; psum the coefficient cotangent together with the partial `<du, x[j]>`
+Backward: the psum-ed stats are saved from the forward (W + 1 floats per token, so no second
+psum); psum the coefficient cotangent together with the partial `<du, x[j]>`
 (shard_map hands each shard 1/k of a replicated output's cotangent); then the backward kernel with
 stats and dH given. `dx` and the `dphi` rows are local. `db` and `dalpha` come out equal on every
 shard of `axis` and shard_map sums a replicated input's cotangent over it, so they are divided by k.
@@ -49,13 +50,13 @@ def fused_pre_tp(cfg: launch.KernelCfg, axis: str, x2d, phi_l, b, alpha):
 
 
 def _fwd(cfg, axis, x2d, phi_l, b, alpha):
-  return fused_pre_tp(cfg, axis, x2d, phi_l, b, alpha), (x2d, phi_l, b, alpha)
+  stat = _global_stats(cfg, axis, x2d, phi_l)
+  return pre_fwd_call(cfg, x2d, phi_l, b, alpha, stat), (x2d, phi_l, b, alpha, stat)
 
 
 def _bwd(cfg, axis, res, cts):
-  x2d, phi_l, b, alpha = res
+  x2d, phi_l, b, alpha, stat = res
   du, dh = cts
-  stat = _global_stats(cfg, axis, x2d, phi_l)
   # Each shard got 1/k of dH (H is replicated over `axis`); dH_pre also needs <du, x[j]> over all
   # features. One psum completes both before the kernel.
   t, n = x2d.shape[0], cfg.n
@@ -80,3 +81,11 @@ def local_phi_rows(phi: jax.Array, n: int, c_local: int, axis: str) -> jax.Array
   idx = jax.lax.axis_index(axis)
   phi_ncw = phi.reshape(n, -1, w)
   return jax.lax.dynamic_slice_in_dim(phi_ncw, idx * c_local, c_local, axis=1).reshape(-1, w)
+
+
+def pre_feature_shard(cfg: launch.KernelCfg, axis: str, x2d, phi, b, alpha):
+  """`(u_shard [T, C/k], H [T, W])` for the local feature shard `x2d [T, n*C/k]` (inside
+  `shard_map`); `phi` is the full `[n*C, w]`, `cfg` is made for the local width C/k."""
+  k = jax.lax.axis_size(axis)
+  cfg = dataclasses.replace(cfg, norm_count=cfg.nc * k)
+  return fused_pre_tp(cfg, axis, x2d, local_phi_rows(phi, cfg.n, cfg.c, axis), b, alpha)

@@ -30,8 +30,11 @@ class Attention(nn.Module):
   def __call__(self, x_BTC):
     b, t, c = x_BTC.shape
     h, d = self.n_heads, self.head_dim
-    dense = lambda name, axes: nn.DenseGeneral(   # noqa: E731
-        (h, d), axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+    # nn.Einsum creates each kernel in its own shape ([C, H, D], [H, D, C]), so its logical names
+    # box the real array (DenseGeneral initialises a flattened 2-D kernel).
+    dense = lambda name, axes: nn.Einsum(   # noqa: E731
+        (c, h, d), "btc,chd->bthd", use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes))
     q = dense("query", ("embed", "heads", "kv"))(x_BTC)
     k = dense("key", ("embed", "heads", "kv"))(x_BTC)
@@ -45,8 +48,9 @@ class Attention(nn.Module):
       q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return nn.DenseGeneral(
-        c, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="out",
+    return nn.Einsum(
+        (h, d, c), "bthd,hdc->btc", use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        name="out",
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.out_std),
                                                  ("heads", "kv", "embed")))(out)
 

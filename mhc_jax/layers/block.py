@@ -8,10 +8,8 @@ import jax.numpy as jnp
 
 from mhc_jax.config import ModelConfig
 from mhc_jax.layers.attention import Attention
-from mhc_jax.layers.connection import Connection
+from mhc_jax.layers.connection import STREAM_AXES, Connection
 from mhc_jax.layers.mlp import MLP
-
-STREAM_AXES = ("batch", "length", "streams", "embed")
 
 
 class Block(nn.Module):

@@ -43,18 +43,29 @@ def permutation_matrices(n: int) -> np.ndarray:
   return np.eye(n, dtype=np.float32)[perms]
 
 
-def projected_logits(x: jax.Array, phi: jax.Array, norm_eps: float) -> jax.Array:
+def projected_logits(x: jax.Array, phi: jax.Array, norm_eps: float,
+                     axis: str | None = None) -> jax.Array:
   """`(vec(x) @ phi) * rsqrt(mean(vec(x)^2) + norm_eps)` in float32 (paper Eqs. 14-15).
 
   The RMS factor is applied after the matmul: one pass over x gives both the projection and the
-  sum of squares.
+  sum of squares. `axis`: x's features are split over this mesh axis (call inside `shard_map`;
+  `x` is the local `[..., n, C/k]` block, `phi` the full `[n*C, w]`). Each shard contracts its own
+  rows of phi (row `j*C + c`, stream-major), then one psum of `w + 1` floats per token
+  (partial projection | partial sum of squares) completes both.
   """
-  n, c = x.shape[-2:]
-  xf = x.reshape(*x.shape[:-2], n * c).astype(jnp.float32)
-  proj = jnp.einsum("...k,kw->...w", xf, phi.astype(jnp.float32), precision=_HIGHEST,
+  n, c_local = x.shape[-2:]
+  w = phi.shape[-1]
+  phi_f = phi.astype(jnp.float32).reshape(n, -1, w)
+  if axis is not None:
+    phi_f = jax.lax.dynamic_slice_in_dim(phi_f, jax.lax.axis_index(axis) * c_local, c_local, 1)
+  xf = x.astype(jnp.float32)
+  proj = jnp.einsum("...jc,jcw->...w", xf, phi_f, precision=_HIGHEST,
                     preferred_element_type=jnp.float32)
-  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + norm_eps)
-  return proj * inv_rms
+  sumsq = jnp.sum(jnp.square(xf), axis=(-2, -1))[..., None]
+  if axis is not None:
+    both = jax.lax.psum(jnp.concatenate([proj, sumsq], axis=-1), axis)
+    proj, sumsq = both[..., :w], both[..., w:]
+  return proj * jax.lax.rsqrt(sumsq / phi.shape[0] + norm_eps)
 
 
 def _pre_post(logits: jax.Array, b: jax.Array, alpha: jax.Array, n: int, pre_eps: float):
@@ -63,8 +74,11 @@ def _pre_post(logits: jax.Array, b: jax.Array, alpha: jax.Array, n: int, pre_eps
   return h_pre, h_post
 
 
-def _check_packed(name: str, x: jax.Array, params: Mapping[str, jax.Array], width: int):
+def _check_packed(name: str, x: jax.Array, params: Mapping[str, jax.Array], width: int,
+                  axis: str | None = None):
   n, c = x.shape[-2:]
+  if axis is not None:
+    c *= jax.lax.axis_size(axis)
   want = {"phi": (n * c, width), "b": (width,), "alpha": (3,)}
   for key, shape in want.items():
     if key not in params:
@@ -76,13 +90,17 @@ def _check_packed(name: str, x: jax.Array, params: Mapping[str, jax.Array], widt
 
 def mhc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, sinkhorn_iters: int = 20,
                  sinkhorn_eps: float = 0.0, norm_eps: float = 1e-6, pre_eps: float = 0.0,
-                 sinkhorn_backward: str = "recompute"):
-  """mHC mappings from streams `x [..., n, C]` and packed `{phi, b, alpha}` (DESIGN.md)."""
+                 sinkhorn_backward: str = "recompute", axis: str | None = None):
+  """mHC mappings from streams `x [..., n, C]` and packed `{phi, b, alpha}` (DESIGN.md).
+
+  `axis`: x is a feature shard over this mesh axis (inside `shard_map`; see `projected_logits`);
+  the mappings come out whole on every shard.
+  """
   n = x.shape[-2]
-  _check_packed("mhc_mappings", x, params, mhc_width(n))
+  _check_packed("mhc_mappings", x, params, mhc_width(n), axis)
   b = params["b"].astype(jnp.float32)
   alpha = params["alpha"].astype(jnp.float32)
-  logits = projected_logits(x, params["phi"], norm_eps)
+  logits = projected_logits(x, params["phi"], norm_eps, axis)
   h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
   res = alpha[2] * logits[..., 2 * n:] + b[2 * n:]
   h_res = sinkhorn(res.reshape(*res.shape[:-1], n, n), iters=sinkhorn_iters, eps=sinkhorn_eps,
@@ -91,13 +109,16 @@ def mhc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, sinkhorn_iter
 
 
 def mhc_lite_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, norm_eps: float = 1e-6,
-                      pre_eps: float = 0.0):
-  """mHC-lite: `H_res` is a convex combination of the n! permutation matrices (exact)."""
+                      pre_eps: float = 0.0, axis: str | None = None):
+  """mHC-lite: `H_res` is a convex combination of the n! permutation matrices (exact).
+
+  `axis`: as in `mhc_mappings`.
+  """
   n = x.shape[-2]
-  _check_packed("mhc_lite_mappings", x, params, mhc_lite_width(n))
+  _check_packed("mhc_lite_mappings", x, params, mhc_lite_width(n), axis)
   b = params["b"].astype(jnp.float32)
   alpha = params["alpha"].astype(jnp.float32)
-  logits = projected_logits(x, params["phi"], norm_eps)
+  logits = projected_logits(x, params["phi"], norm_eps, axis)
   h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
   weights = jax.nn.softmax(alpha[2] * logits[..., 2 * n:] + b[2 * n:], axis=-1)
   h_res = jnp.einsum("...k,kij->...ij", weights, jnp.asarray(permutation_matrices(n)),

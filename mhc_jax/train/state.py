@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from mhc_jax import kernels
 from mhc_jax import sharding as shd
-from mhc_jax.config import fail
+from mhc_jax.config import compute_dtype, fail
 from mhc_jax.model import LM
 from mhc_jax.train.config import RunConfig
 from mhc_jax.train.optimizer import make_optimizer
@@ -68,6 +69,8 @@ def setup_mesh(cfg: RunConfig, devices=None) -> tuple[Mesh, list]:
   if micro % data_shards:
     fail("train.grad_accum", cfg.train.grad_accum,
              f"micro-batch {micro} must be divisible by the {data_shards} batch shards")
+  with jax.set_mesh(mesh):   # the connection's kernels can run on this platform, shape and dtype
+    kernels.check_site(cfg.model.connection, cfg.model.d_model, compute_dtype(cfg.model.dtype))
   return mesh, shd.logical_rules(cfg.mesh)
 
 

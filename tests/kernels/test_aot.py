@@ -60,16 +60,15 @@ def test_gpu_lowering_rejects_non_power_of_two_arrays():
 @pytest.mark.slow
 @pytest.mark.tpu_aot
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu-aot]')")
-def test_tpu_sharded_connection_compiles(monkeypatch):
+def test_tpu_sharded_connection_compiles():
   """Data x tensor (2 x 2) v5e mesh, features sharded: stats kernel + psum + finish kernel, post
   kernel per shard, and all their backward kernels compile with Mosaic inside shard_map."""
   import numpy as np
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from mhc_jax.kernels import api
-  from mhc_jax.kernels.sharded import mhc_pre_sharded, stream_post_sharded
-  monkeypatch.setattr(api, "platform_backend", lambda: "tpu")
+  from mhc_jax.config import ConnectionConfig
+  from mhc_jax.kernels import site_ops
   from jax.experimental import topologies
   aot.tpu_device()                                       # sets ALLOW_MULTIPLE_LIBTPU_LOAD
   topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
@@ -78,17 +77,19 @@ def test_tpu_sharded_connection_compiles(monkeypatch):
   mesh = Mesh(np.array(topo.devices).reshape(2, 2), ("data", "tensor"))
   b, t, n, c, w = 4, 64, 4, 512, 24
   spec = P("data", None, None, "tensor")
-  pre = mhc_pre_sharded(mesh, spec, sinkhorn_iters=2, implementation="pallas")
-  post = stream_post_sharded(mesh, spec, implementation="pallas")
+  cfg = ConnectionConfig(n_streams=n, sinkhorn_iters=2, implementation="pallas")
 
   def loss(x, p):
-    u, _, h_post, h_res = pre(x, p)
-    return jnp.sum(post(x, u, h_res, h_post).astype(jnp.float32))
+    site = site_ops(cfg, x, spec)          # the mesh's platform (tpu) picks the Mosaic kernels
+    assert site.impl == "tpu"
+    u, coeffs = site.pre(x, p)
+    return jnp.sum(site.post(x, u, coeffs).astype(jnp.float32))
 
   rep = NamedSharding(mesh, P())
   x = jax.ShapeDtypeStruct((b, t, n, c), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
   p = {"phi": jax.ShapeDtypeStruct((n * c, w), jnp.float32, sharding=rep),
        "b": jax.ShapeDtypeStruct((w,), jnp.float32, sharding=rep),
        "alpha": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep)}
-  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, p).compile().as_text()
+  with jax.set_mesh(mesh):
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, p).compile().as_text()
   assert text.count("tpu_custom_call") >= 6 and "all-reduce" in text

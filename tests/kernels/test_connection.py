@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mhc_jax import kernels
 from mhc_jax.config import ConfigError, ConnectionConfig
 from mhc_jax.layers.connection import Connection
 
@@ -40,10 +41,28 @@ def test_connection_interpret_equals_xla(kind, n):
                                atol=1e-5 * max(1.0, float(np.abs(np.asarray(b)).max())))
 
 
-def test_connection_pallas_on_cpu_and_mix_dtype_errors():
+def test_connection_pallas_on_cpu_errors():
   x = jnp.zeros((1, 2, 4, 128), jnp.float32)
-  for cfg, match in [(ConnectionConfig(implementation="pallas"), "connection.implementation='pallas'"),
-                     (ConnectionConfig(implementation="interpret", mix_dtype="activation"),
-                      "mix_dtype='float32'")]:
-    with pytest.raises(ConfigError, match=match):
-      Connection(cfg).init(jax.random.PRNGKey(0), x, lambda u: u, 0)
+  with pytest.raises(ConfigError, match="connection.implementation='pallas' is not available.*cpu"):
+    Connection(ConnectionConfig(implementation="pallas")).init(jax.random.PRNGKey(0), x,
+                                                               lambda u: u, 0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(implementation="interpret", mix_dtype="activation"), "mix_dtype='float32'"),
+    (dict(implementation="pallas", kind="hc"), "kind 'mhc' and 'mhc_lite'"),
+    (dict(implementation="pallas", kind="residual", n_streams=1), "kind 'mhc' and 'mhc_lite'"),
+    (dict(implementation="interpret", kind="mhc_lite", n_streams=6), "n_streams <= 5"),
+])
+def test_kernel_cross_field_rules_are_config_errors(kw, match):
+  with pytest.raises(ConfigError, match=f"connection.implementation=.*{match}"):
+    ConnectionConfig(**kw)
+
+
+def test_auto_is_the_default_and_takes_xla_on_cpu():
+  cfg = ConnectionConfig()
+  assert cfg.implementation == "auto"
+  x = jnp.zeros((1, 2, 4, 128), jnp.float32)
+  assert kernels.site_ops(cfg, x).impl == "xla"
+  # mix_dtype="activation" quietly keeps XLA under auto (no kernel for it).
+  assert kernels.site_ops(dataclasses.replace(cfg, mix_dtype="activation"), x).impl == "xla"

@@ -1,17 +1,19 @@
-"""Kernels inside shard_map on 8 fake CPU devices equal the unsharded results (values and grads).
+"""The connection's kernels under a mesh (`kernels.site_ops` -> `shard_map`) on 8 fake CPU devices
+equal the unsharded results, values and gradients.
 
-Feature ("tensor") sharding of the pre kernel runs the stats kernel, a psum, and the finish kernel.
+Feature ("tensor") sharding of the pre kernel runs the stats kernel, a psum, and the finish kernel;
+the XLA path under feature sharding psums the projection inside `ops.mhc_mappings(axis=...)`.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from mhc_jax import ops
-from mhc_jax.kernels import mhc_pre, stream_post
-from mhc_jax.kernels.sharded import mhc_pre_sharded, stream_post_sharded
+from mhc_jax.config import ConnectionConfig
+from mhc_jax.kernels import mhc_pre, site_ops, stream_post
 
 B, T, N, C = 4, 2, 2, 32
 KW = dict(sinkhorn_iters=3, implementation="interpret")
@@ -19,7 +21,8 @@ KW = dict(sinkhorn_iters=3, implementation="interpret")
 
 @pytest.fixture(scope="module")
 def mesh():
-  return Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  return Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"),
+              axis_types=(AxisType.Auto,) * 2)
 
 
 def _data():
@@ -33,38 +36,57 @@ def _data():
   return x, params, y
 
 
-def _loss(pre, post):
+def _weights(shape):
+  return jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) % 7 - 3
+
+
+def _site_loss(impl, x_spec):
+  cfg = ConnectionConfig(kind="mhc", n_streams=N, sinkhorn_iters=3, implementation=impl)
+
   def f(x, params, y):
-    u, h_pre, h_post, h_res = pre(x, params)
-    out = post(x, y + u, h_res, h_post)
-    w = jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) % 7 - 3
-    return jnp.sum(out * w) + jnp.sum(jnp.sin(h_pre))
+    site = site_ops(cfg, x, x_spec)
+    u, coeffs = site.pre(x, params)
+    out = site.post(x, y + u, coeffs)
+    return jnp.sum(out * _weights(out.shape)) + jnp.sum(jnp.sin(coeffs.split()[0]))
   return jax.value_and_grad(f, argnums=(0, 1, 2))
 
 
 @pytest.fixture(scope="module")
 def reference():
+  """Unsharded public ops (`mhc_pre` + `stream_post`) in the interpreter."""
   x, params, y = _data()
-  return _loss(lambda a, p: mhc_pre(a, p, **KW),
-               lambda *a: stream_post(*a, implementation="interpret"))(x, params, y)
+
+  def f(x, params, y):
+    u, h_pre, h_post, h_res = mhc_pre(x, params, **KW)
+    out = stream_post(x, y + u, h_res, h_post, implementation="interpret")
+    return jnp.sum(out * _weights(out.shape)) + jnp.sum(jnp.sin(h_pre))
+  return jax.value_and_grad(f, argnums=(0, 1, 2))(x, params, y)
 
 
+@pytest.mark.parametrize("impl", ["interpret", "xla"])
 @pytest.mark.parametrize("x_spec", [P("data", "tensor", None, None),     # batch x sequence
                                     P("data", None, None, "tensor")])    # batch x features
-def test_sharded_kernels_equal_unsharded(mesh, reference, x_spec):
+def test_sharded_site_equals_unsharded(mesh, reference, x_spec, impl):
   x, params, y = _data()
-  ref = reference
-  got = jax.jit(_loss(mhc_pre_sharded(mesh, x_spec, **KW),
-                      stream_post_sharded(mesh, x_spec, implementation="interpret")))(x, params, y)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
-
-
-def test_feature_sharded_pre_xla_path_equals_kernel(mesh, reference):
-  """`implementation="xla"` under feature sharding takes the psum-ed XLA mappings: same results."""
-  x, params, y = _data()
-  spec = P("data", None, None, "tensor")
-  got = jax.jit(_loss(mhc_pre_sharded(mesh, spec, sinkhorn_iters=3, implementation="xla"),
-                      stream_post_sharded(mesh, spec, implementation="xla")))(x, params, y)
+  with jax.set_mesh(mesh):
+    f = jax.jit(_site_loss(impl, x_spec))
+    got = f(x, params, y)
+    text = f.lower(x, params, y).compile().as_text()
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+  if impl == "interpret":
+    # Each device ran the kernels on its own block: nothing was gathered for them.
+    assert "all-gather" not in text
+
+
+def test_stream_axis_sharding_is_refused(mesh):
+  x, params, y = _data()
+  cfg = ConnectionConfig(kind="mhc", n_streams=N, implementation="interpret")
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="shards the stream axis"):
+    site_ops(cfg, x, P("data", None, "tensor", None))
+
+
+def test_no_mesh_is_the_plain_call():
+  x, _, _ = _data()
+  cfg = ConnectionConfig(kind="mhc", n_streams=N, implementation="interpret")
+  assert site_ops(cfg, x, P("data", None, None, None)).x_spec is None
