@@ -6,7 +6,6 @@ Every sublayer is wrapped as (mHC paper Eq. 3, pre-norm order of HC Alg. 3):
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -70,11 +69,6 @@ class Connection(nn.Module):
     """This site's mapping parameters (DESIGN.md layouts) for streams like `x [..., n, C]`."""
     n, c = x.shape[-2:]
     return self._hc_params(n, c, site) if self.cfg.kind == "hc" else self._mhc_params(n, c, site)
-
-  def mappings(self, x, site):
-    """`(h_pre, h_post, h_res)` for this site's parameters, float32 (XLA path)."""
-    return kernels.site_ops(dataclasses.replace(self.cfg, implementation="xla"), x).mappings(
-        x, self.params_for(x, site))
 
   def _mhc_params(self, n, c, site):
     cfg = self.cfg
