@@ -9,7 +9,8 @@ real training step (`mhc_jax.train.step.make_train_step`, born-sharded state, do
   * when the devices are real (CPU fake devices included): the loss after `--steps` steps on a fixed
     batch (all strategies must agree) and the measured step time / tokens per second.
 Devices: the local ones (`JAX_NUM_CPU_DEVICES=8` for fake CPU devices, or `--cpu-devices 8`), or a TPU
-topology compiled ahead of time through libtpu (`--topology v5e:2x4`, the `tpu-aot` extra).
+topology compiled ahead of time through libtpu (`--topology v5e:2x4`, the `tpu-aot` extra), or N
+abstract NVIDIA H100 / H200 through JAX's CUDA plugin (`--topology h100:8`, the `gpu-aot` extra).
 Output: a console table, `<out>.json` and `<out>.png` (bar charts).
 """
 from __future__ import annotations
@@ -211,8 +212,9 @@ def _run_config(base, conn: ConnectionConfig, mesh: MeshConfig):
   return dataclasses.replace(base, model=model, mesh=mesh)
 
 
-def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, Any]:
-  """Compile (and, on real devices, run `steps` steps of) the train step for `cfg` on `devices`."""
+def lower_step(cfg, devices):
+  """`(lowered, mesh, n_params)`: the train step for `cfg` lowered on `devices` (real or compile-only:
+  TPU topologies, abstract H100s) under the strategy's mesh and logical rules."""
   import flax.linen as nn
   import jax
   import numpy as np
@@ -221,9 +223,12 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
   from mhc_jax.train.step import make_train_step
 
   mesh = shd.make_mesh(cfg.mesh, devices)
-  shardings = st.state_shardings(cfg, mesh)
+  # The abstract init traces the model too: let it see the target platform (kernels resolve their
+  # backend from the active abstract mesh), not this host's CPU.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    shardings = st.state_shardings(cfg, mesh)
+    abstract = st.abstract_state(cfg)
   batch_sh = shd.batch_sharding(mesh, cfg.mesh)
-  abstract = st.abstract_state(cfg)
   abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
   state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            abstract, shardings)
@@ -233,18 +238,45 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
   step_fn = jax.jit(make_train_step(cfg), in_shardings=(shardings, {"inputs": batch_sh,
                                                                      "targets": batch_sh}),
                     out_shardings=(shardings, None), donate_argnums=0)
-  t0 = time.perf_counter()
   with shd.sharding_context(mesh, cfg.mesh):
     lowered = step_fn.lower(state_abs, batch_abs)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+  return lowered, mesh, int(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
+
+
+def cpu_cost_model(compiled) -> dict:
+  """`cost_analysis()`, or (GPU ahead-of-time, where it returns None) XLA's CPU cost model over the
+  optimized module: a private API, so any failure gives `{}`."""
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
+  if cost.get("bytes accessed"):
+    return dict(cost)
+  try:
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+    module = compiled.runtime_executable().hlo_modules()[0]
+    return dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
+  except Exception:  # noqa: BLE001 - private API moved
+    return {}
+
+
+def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, Any]:
+  """Compile (and, on real devices, run `steps` steps of) the train step for `cfg` on `devices`."""
+  import jax
+  import numpy as np
+  from mhc_jax import sharding as shd
+  from mhc_jax.train import state as st
+
+  t0 = time.perf_counter()
+  lowered, mesh, n_params = lower_step(cfg, devices)
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = cpu_cost_model(compiled)
   out = {
       "mesh_shape": dict(mesh.shape),
-      "n_params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
+      "n_params": n_params,
       "compile_s": round(compile_s, 2),
       "memory_mib": {
           "arguments": mem.argument_size_in_bytes / MiB,
@@ -334,7 +366,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--shape", action="append", default=[], metavar="STRATEGY=D,F,T",
                  help="mesh shape for a strategy (default: all devices on its axis)")
   p.add_argument("--topology", default=None,
-                 help="TPU topology for ahead-of-time compilation, e.g. v5e:2x4 (needs libtpu)")
+                 help="topology for ahead-of-time compilation: TPU, e.g. v5e:2x4 (needs libtpu), "
+                      "or h100:8 / h200:8 (gpu-aot extra, JAX_PLATFORMS=cpu)")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="fake CPU devices (set before jax starts; same as JAX_NUM_CPU_DEVICES)")
   p.add_argument("--steps", type=int, default=3, help="train steps per row on real devices")
@@ -350,13 +383,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def topology_devices(name: str):
-  """Compile-only TPU devices for topology `name` (e.g. `v5e:2x4`) through libtpu."""
+  """Compile-only devices for topology `name`: TPU (e.g. `v5e:2x4`) through libtpu, or NVIDIA H100 /
+  H200 (`h100:8`, `h200:1`: one host of N GPUs) through JAX's CUDA plugin (the `gpu-aot` extra;
+  run with JAX_PLATFORMS=cpu so the plugin does not probe for a driver)."""
+  gpu = re.fullmatch(r"(h100|h200)(?::(\d+))?", name.strip().lower())
+  if gpu:
+    try:
+      from mhc_jax.tools import h100
+      return h100.devices(int(gpu.group(2) or 1), gpu.group(1))
+    except Exception as e:  # noqa: BLE001 - plugin missing: one clear line
+      raise ConfigError(f"--topology={name!r} is not allowed: cannot build it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); install the gpu-aot "
+                        "extra and run with JAX_PLATFORMS=cpu") from e
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other processes may hold libtpu's lock
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
   from jax.experimental import topologies
   m = re.fullmatch(r"(v[0-9a-z]+(?: lite)?):(\d+)x(\d+)(?:x(\d+))?", name)
   if not m:
-    fail("--topology", name, "a TPU topology such as v5e:2x4, v4:2x2x2, v5p:2x2x2")
+    fail("--topology", name, "a TPU topology such as v5e:2x4, v4:2x2x2, v5p:2x2x2, or h100:8 / h200:8")
   dims = [int(d) for d in m.groups()[1:] if d]
   host = tuple(min(d, 2) for d in dims) + (1,) * (3 - len(dims))
   try:
@@ -424,7 +468,8 @@ def run(args, partial_path: str | None = None) -> dict:
   from mhc_jax.train.config import apply_overrides
   base = apply_overrides(preset(args.preset), args.overrides)
   if args.topology:
-    devices, real, where = topology_devices(args.topology), False, f"tpu-aot {args.topology}"
+    devices, real = topology_devices(args.topology), False
+    where = f"{'gpu' if devices[0].platform == 'gpu' else 'tpu'}-aot {args.topology}"
   else:
     devices, real = jax.devices(), True
     where = f"{len(devices)}x {devices[0].platform}"

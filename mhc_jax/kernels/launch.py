@@ -4,7 +4,13 @@ The same body and BlockSpecs serve all three; only the compiler params, the toke
 the feature chunking differ:
   tpu:       bt sized to a VMEM budget (multiple of 16), one feature chunk per stream (any C;
              lane-aligned when C % 128 == 0).
-  gpu:       bt = 16 (power of two, masked tail), power-of-two feature chunks <= 1024 (C % 16 == 0).
+  gpu:       bt = 16 (power of two, masked tail; the smallest M of a Triton `dot`), 8 warps,
+             power-of-two feature chunks (C % 16 == 0) of at most `gpu_max_chunk(...)` features:
+             256 (pre, 2-byte x) / 128 (pre, float32 x; post) so that one chunk's tiles of every
+             live stream fit the 255 registers of a thread and the pre kernel's `dot` operands fit
+             shared memory. Checked by compiling for an H100 without a GPU (`mhc_jax.tools.h100`,
+             experiments/results/h100_aot_*.json): 1024-feature chunks needed 256-768 KiB of shared
+             memory (the H100 has 227 KiB per block) and spilled.
   interpret: HLO interpreter on any platform (tests), TPU-style blocks unless `max_chunk` is given.
 """
 from __future__ import annotations
@@ -58,15 +64,27 @@ def token_block(backend: str, n: int, c: int, itemsize: int, tokens: int,
   return bt
 
 
+GPU_NUM_WARPS = 8
+GPU_NUM_STAGES = 2
+
+
+def gpu_max_chunk(itemsize: int, pre: bool) -> int:
+  """Largest feature chunk of a GPU kernel (see the module doc; measured on sm_90a)."""
+  return 256 if pre and itemsize <= 2 else 128
+
+
 def make_cfg(backend: str, n: int, c: int, dtype, tokens: int, *, spec: MapSpec | None = None,
              bt: int | None = None, max_chunk: int | None = None, bf16_passes: int = 3) -> KernelCfg:
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; allowed: {BACKENDS}")
   itemsize = jax.numpy.dtype(dtype).itemsize
-  if backend == "gpu" and max_chunk is None:
-    max_chunk = 1024
+  extra = {}
+  if backend == "gpu":
+    if max_chunk is None:
+      max_chunk = gpu_max_chunk(itemsize, pre=spec is not None)
+    extra = dict(num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
   return KernelCfg(backend=backend, n=n, c=c, bt=token_block(backend, n, c, itemsize, tokens, bt),
-                   max_chunk=max_chunk, bf16_passes=bf16_passes, spec=spec)
+                   max_chunk=max_chunk, bf16_passes=bf16_passes, spec=spec, **extra)
 
 
 def call(cfg: KernelCfg, body, *, tokens: int, in_specs, out_specs, out_shape):
