@@ -1,0 +1,49 @@
+"""NNX model state <-> Linen `params` tree. The NNX modules mirror the Linen parameter tree, so the
+conversion is the identity on paths and values (no rename, no copy of the math):
+
+    params = to_linen_params(model)                 # == LM(cfg).init(...)["params"] layout
+    from_linen_params(model, params)                # in place; shapes and paths checked
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+
+
+def to_linen_params(model: nnx.Module) -> dict[str, Any]:
+  """The model's `nnx.Param`s as a plain nested dict, the Linen `variables["params"]`."""
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def from_linen_params(model: nnx.Module, params) -> nnx.Module:
+  """Load a Linen `params` tree (boxed or not) into `model` in place and return it.
+
+  Raises ValueError naming the first parameter whose path is missing or extra or whose shape or
+  dtype differs from the model's.
+  """
+  params = nn.meta.unbox(params)
+  want = to_linen_params(model)
+  _check(want, params, ())
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+def _check(want, got, path):
+  name = "/".join(path) or "params"
+  if isinstance(want, dict):
+    if not isinstance(got, dict):
+      raise ValueError(f"params {name}: expected a sub-tree with keys {sorted(want)}, got {type(got).__name__}")
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+      raise ValueError(f"params {name}: missing {missing}, unexpected {extra}")
+    for k in want:
+      _check(want[k], got[k], path + (str(k),))
+    return
+  shape, dtype = getattr(got, "shape", None), getattr(got, "dtype", None)
+  if shape != want.shape or dtype != want.dtype:
+    raise ValueError(f"params {name}: shape {shape} {dtype} does not match the model's "
+                     f"{want.shape} {want.dtype}")
