@@ -20,9 +20,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TIMEOUT = 240
 
 
+_JAX_CACHE: dict = {}
+
+
 def env() -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=REPO,
-              PYTHONUNBUFFERED="1")
+  """The subprocesses' environment: one CPU device, and a compilation cache shared by the suite
+  (the tiny model's compiles are most of a run's time)."""
+  out = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=REPO,
+             PYTHONUNBUFFERED="1")
+  if "dir" in _JAX_CACHE:
+    out.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE["dir"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jax_cache(tmp_path_factory):
+  _JAX_CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+  yield
+  _JAX_CACHE.clear()
 
 
 def train_args(corpus, run_dir, *overrides, steps=10, extra=()):

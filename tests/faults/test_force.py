@@ -1,5 +1,5 @@
 """`--force` deletes only what training wrote, checks before deleting, never follows a symlink out of
-the run directory (cases 3 and 8)."""
+the run directory (cases 3 and 8); a sample prompt that is not UTF-8 still gives every output (5)."""
 import os
 import shutil
 
@@ -13,8 +13,11 @@ def test_force_keeps_the_users_files_and_lists_them(corpus, run_copy):
       f.write("mine")
   os.makedirs(os.path.join(run, "checkpoints", "other_tool"))
   res = cli(train_args(corpus, run, "train.checkpoint_every=3", "train.eval_every=0",
-                       "train.sample_tokens=0", steps=3, extra=("--force",)))
+                       "train.sample_tokens=4", steps=3, extra=("--force",))
+            + [b"--set", b"train.sample_prompt=\xff\xfe"])     # a prompt that is not UTF-8 (case 5)
   last = assert_clean(res, 0, "--force kept 4 file(s)")
+  for name in ("sample.txt", "plot.png", "eval.json"):
+    assert os.path.getsize(os.path.join(run, name)) > 0, name
   assert "checkpoints/mine.txt" in last and "tb/mine.txt" in last and "notes.txt" in last
   for rel in ("notes.txt", "checkpoints/mine.txt", "tb/mine.txt", "checkpoints/other_tool"):
     assert os.path.exists(os.path.join(run, rel)), rel

@@ -85,15 +85,6 @@ def test_sample_defaults_fit_the_model_and_prompts_may_be_any_bytes(base_run, tm
   assert os.listdir(out) == ["plot.png"]
 
 
-def test_non_utf8_sample_prompt_in_training_still_writes_its_outputs(corpus, tmp_path):
-  run = tmp_path / "run"
-  args = [os.fsencode(a) for a in train_args(corpus, run, "train.eval_every=0", steps=3)]
-  res = cli(args + [b"--set", b"train.sample_prompt=\xff\xfe"])
-  assert_clean(res, 0)
-  for name in ("sample.txt", "plot.png", "eval.json"):
-    assert (run / name).stat().st_size > 0, name
-
-
 def test_read_only_run_dir_on_resume(corpus, run_copy):
   if not immutable(run_copy, True):
     pytest.skip("chattr +i is not available here")
