@@ -64,7 +64,8 @@ def test_save_that_never_returns_hits_the_deadline(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_inside_a_stuck_save_exits_within_the_stop_timeout(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_inside_a_stuck_save_exits_within_the_stop_timeout(corpus, tmp_path, sig):
   run = tmp_path / "run"
   proc = start(train_args(corpus, run, "train.checkpoint_every=5", "train.eval_every=0",
                           "train.sample_tokens=0", "train.stop_timeout_s=3", "train.log_every=1",
@@ -73,12 +74,12 @@ def test_sigterm_inside_a_stuck_save_exits_within_the_stop_timeout(corpus, tmp_p
     wait_for(lambda: (run / "checkpoints" / "5").is_dir(), proc, what="the first checkpoint")
     time.sleep(1.0)                       # the second save (step 10) is now stuck
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     res = finish(proc, timeout=60)
   finally:
     kill(proc)
   assert time.time() - t0 < 20
-  last = assert_clean(res, 128 + signal.SIGTERM, "stopped by SIGTERM", "no new checkpoint")
+  last = assert_clean(res, 128 + sig, f"stopped by {sig.name}", "no new checkpoint")
   assert "last checkpoint: step 5" in last and "--resume" in last
   assert ckpt_steps(run) == [5] and not tmp_dirs(run)
   assert not (run / ".lock").read_text()            # released on the way out
