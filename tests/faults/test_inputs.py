@@ -2,7 +2,7 @@
 (cases 5-7, 11-18, 21, 23, 25)."""
 import os
 import shlex
-import signal
+import shutil
 import time
 
 import pytest
@@ -110,7 +110,6 @@ def test_run_dir_deleted_while_training_stops_with_exit_4(corpus, tmp_path):
     wait_for(lambda: (run / "metrics.jsonl").exists() and os.path.getsize(run / "metrics.jsonl"),
              proc, what="the first metrics")
     os.rename(run, tmp_path / "moved")
-    import shutil
     shutil.rmtree(tmp_path / "moved")
     t0 = time.time()
     res = finish(proc, timeout=60)

@@ -4,7 +4,6 @@ partial first window (case 10), fewer steps than reached (case 22), a stop befor
 (case 20) and changed training data (case 24)."""
 import json
 import os
-import shutil
 import signal
 
 import pytest

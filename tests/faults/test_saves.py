@@ -1,6 +1,5 @@
 """Checkpoint saves that cannot be written end the run at once with exit 4 and one line; the previous
 checkpoint stays restorable and no partial folder is left (issue 17, cases 1 and 4)."""
-import os
 import signal
 import subprocess
 import time
