@@ -209,7 +209,8 @@ class Coeffs:
 
 
 def _mesh_spec(x, x_spec: P | None) -> P | None:
-  """`x_spec` restricted to the active mesh's axes that divide x's dims; None without a mesh."""
+  """`x_spec` restricted to the active mesh's axes that divide x's dims; None without a mesh or
+  when x is not split at all (then the plain call: every device holds the whole x)."""
   mesh = jax.sharding.get_abstract_mesh()
   if x_spec is None or mesh.empty:
     return None
@@ -222,7 +223,19 @@ def _mesh_spec(x, x_spec: P | None) -> P | None:
     out.append((names[0] if len(names) == 1 else names) if ok else None)
   if out[-2] is not None:
     raise ValueError(f"connection kernels: x_spec={x_spec} shards the stream axis; leave it None")
-  return P(*out)
+  return P(*out) if any(e is not None for e in out) else None
+
+
+def _axes(spec: P) -> frozenset:
+  return frozenset(a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e))
+
+
+def _shard_map(body, x_spec: P, in_specs, out_specs):
+  """`jax.shard_map` manual over the mesh axes that split x only (`check_vma=False`: Pallas calls
+  carry no varying-axis types). Axes that replicate x stay automatic, so no device does a psum of
+  cotangents that are equal on all of them (GSPMD keeps the kernel replicated there)."""
+  return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
+                       out_specs=out_specs, axis_names=_axes(x_spec), check_vma=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,9 +270,8 @@ class SiteOps:
       return u, Coeffs(packed, None, n)
     *lead, _, feat = self.x_spec
     body = functools.partial(_pre_kernel, self.impl, self.spec, {}, axis=feat)
-    u, packed = jax.shard_map(
-        body, mesh=jax.sharding.get_abstract_mesh(), in_specs=(self.x_spec, P()),
-        out_specs=(P(*lead, feat), P(*lead, None)), check_vma=False)(x, params)
+    u, packed = _shard_map(body, self.x_spec, in_specs=(self.x_spec, P()),
+                           out_specs=(P(*lead, feat), P(*lead, None)))(x, params)
     return u, Coeffs(packed, None, n)
 
   def post(self, x, y, coeffs: Coeffs) -> jax.Array:
@@ -271,10 +283,8 @@ class SiteOps:
     if self.x_spec is None:
       return body(x, y, coeffs.packed)
     *lead, _, feat = self.x_spec
-    return jax.shard_map(
-        body, mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(self.x_spec, P(*lead, feat), P(*lead, None)), out_specs=self.x_spec,
-        check_vma=False)(x, y, coeffs.packed)
+    return _shard_map(body, self.x_spec, in_specs=(self.x_spec, P(*lead, feat), P(*lead, None)),
+                      out_specs=self.x_spec)(x, y, coeffs.packed)
 
 
 def site_ops(cfg: ConnectionConfig, x, x_spec: P | None = None) -> SiteOps:

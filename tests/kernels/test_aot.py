@@ -92,4 +92,5 @@ def test_tpu_sharded_connection_compiles():
        "alpha": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep)}
   with jax.set_mesh(mesh):
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, p).compile().as_text()
-  assert text.count("tpu_custom_call") >= 6 and "all-reduce" in text
+  # forward: stats, pre, post kernels; backward: pre and post kernels (the stats are saved)
+  assert text.count("tpu_custom_call") >= 5 and "all-reduce" in text
