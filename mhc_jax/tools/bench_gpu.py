@@ -101,8 +101,8 @@ def step_section(rec: Recorder, deadline: float, smoke: bool, log, implementatio
   sets = (SMOKE_STEP_SETS if smoke else STEP_SETS) + [
       f"model.connection.implementation={implementation}"]
   sec["overrides"] = sets
-  steps, warmup = ("2", "1") if smoke else ("10", "2")
-  for remat in ("none", "mhc_paper"):
+  steps, warmup = ("1", "0") if smoke else ("10", "2")
+  for remat in ("none",) if smoke else ("none", "mhc_paper"):
     if time.monotonic() > deadline:
       sec["skipped"].append({"remat": remat, "why": "section time budget spent"})
       continue
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     # A section gets its share of what is left, in proportion to the sections still to run.
     todo = sections[sections.index(name):]
     budget = left * SHARE[name] / sum(SHARE[s] for s in todo) if left > 0 else 0.0
-    if budget <= 0:
+    if budget < 1.0:
       rec.section(name).update(status="skipped", why="total time budget spent")
       rec.write()
       continue

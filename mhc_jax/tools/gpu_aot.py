@@ -79,7 +79,8 @@ def _step_item(item: dict) -> dict:
   from mhc_jax.sharding_compare import lower_step, preset
   from mhc_jax.tools import h100
   base = preset(item["preset"])
-  conn = dataclasses.replace(base.model.connection, implementation=item["implementation"],
+  impl = item["implementation"] if item["n_streams"] > 1 else "xla"    # residual: no kernels
+  conn = dataclasses.replace(base.model.connection, implementation=impl,
                              n_streams=item["n_streams"],
                              kind="residual" if item["n_streams"] == 1 else "mhc")
   model = dataclasses.replace(base.model, connection=conn,

@@ -304,6 +304,33 @@ def res_usage(images: list[bytes]) -> list[dict]:
                     "shared_bytes": int(fields.get("SHARED", 0)),
                     "local_bytes": int(fields.get("LOCAL", 0)),
                     "stack_bytes": int(fields.get("STACK", 0)), "constant_bytes": consts})
+      spills = _sass_spills(tool, path)
+      for rec in out:
+        if rec["cubin"] == i and rec["function"] in spills:
+          rec["spill_stores"], rec["spill_loads"] = spills[rec["function"]]
+  return out
+
+
+def _sass_spills(tool: str, path: str) -> dict[str, tuple[int, int]]:
+  """`{function: (STL count, LDL count)}` from the SASS (local-memory stores / loads: register
+  spills in a Triton kernel, which has no local arrays). Needs `nvdisasm` (pip
+  `nvidia-cuda-nvdisasm`) next to cuobjdump or on PATH; `{}` without it."""
+  nvdisasm = _nvidia_bin("nvdisasm")
+  if nvdisasm is None:
+    return {}
+  env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
+  text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, timeout=300,
+                        env=env).stdout
+  out, name = {}, None
+  for line in text.splitlines():
+    m = re.match(r"\s*Function\s*:\s*(\S+)", line)
+    if m:
+      name = m.group(1)
+      out[name] = (0, 0)
+    elif name is not None:
+      st, ld = out[name]
+      out[name] = (st + len(re.findall(r"\bSTL(?:\.\S+)?\s", line)),
+                   ld + len(re.findall(r"\bLDL(?:\.\S+)?\s", line)))
   return out
 
 
@@ -412,5 +439,7 @@ def report(program: Program, *, with_kernels: bool = True, collectives: bool = T
     out["kernels"] = ks
     res = [k for k in ks if "registers" in k]
     out["max_registers"] = max((k["registers"] for k in res), default=None)
-    out["spill_bytes"] = sum(k["local_bytes"] for k in res) if res else None
+    out["stack_bytes"] = sum(k["stack_bytes"] + k["local_bytes"] for k in res) if res else None
+    out["spill_stores"] = (sum(k.get("spill_stores", 0) for k in res)
+                           if res and all("spill_stores" in k for k in res) else None)
   return out
