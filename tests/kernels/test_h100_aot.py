@@ -135,6 +135,10 @@ def test_h100x8_fsdp_train_step_with_kernels_compiles():
 @pytest.mark.slow
 @pytest.mark.tpu_aot
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu-aot]')")
+@pytest.mark.xfail(strict=True, reason="found by this test: with streams replicated over `tensor`, "
+                   "kernels.api._shard_map is manual only over the axes that split x, so the Mosaic "
+                   "call is left to automatic partitioning over `tensor` ('Mosaic kernels cannot be "
+                   "automatically partitioned'); fix: manual over every mesh axis")
 def test_tpu_v5e8_fsdp_tp_train_step_with_kernels_compiles():
   """The same step under fsdp_tp (fsdp 4 x tensor 2 on v5e-8, streams replicated over tensor) compiles for a
   TPU v5e-8 topology with the Mosaic kernels inside."""
