@@ -28,7 +28,8 @@ class Connection(nnx.Module):
 
   `site` is the sublayer index (2*layer for attention, 2*layer + 1 for the MLP; may be traced under
   `nnx.vmap`); it only affects the initial parameters. `norm_eps` is the branch RMSNorm's epsilon
-  (the mapping norm uses `cfg.norm_eps`). Each call sows `h_pre, h_post, h_res` as `nnx.Intermediate`.
+  (the mapping norm uses `cfg.norm_eps`). Each call sows `h_pre, h_post, h_res` as `nnx.Intermediate`
+  under `nnx.capture(model, nnx.Intermediate)` (outside it nothing is stored).
   """
 
   def __init__(self, cfg: ConnectionConfig, d_model: int, *, site=0, norm_eps: float = 1e-6,
@@ -82,7 +83,7 @@ class Connection(nnx.Module):
     u, coeffs = site_ops.pre(x, self.mapping_params())
     coeffs = jax.tree.map(lambda h: checkpoint_name(h, COEFFS), coeffs)
     for name, value in zip(MAPPINGS, coeffs.split()):
-      self.sow(nnx.Intermediate, name, value)
+      self.sow(nnx.Intermediate, name, value, capture_noop=True)
     y = checkpoint_name(branch(self.norm(u)), BRANCH_OUT).astype(x.dtype)
     return site_ops.post(x, y, coeffs)
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 def to_linen_params(model: nnx.Module) -> dict[str, Any]:
   """The model's `nnx.Param`s as a plain nested dict, the Linen `variables["params"]`."""
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def from_linen_params(model: nnx.Module, params) -> nnx.Module:

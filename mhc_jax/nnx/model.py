@@ -127,9 +127,8 @@ class LM(nnx.Module):
     def run(x, state):
       """One block on its (params, rest) state -> (x, new cache, sown mappings)."""
       block = nnx.merge(graphdef, *state)
-      x = block(x, decode)
-      sown = nnx.pop(block, nnx.Intermediate)
-      maps = {} if not record else _site_maps(sown)
+      x, sown = nnx.capture(block, nnx.Intermediate)(x, decode)
+      maps = _site_maps(nnx.to_pure_dict(sown)) if record else {}
       return x, nnx.state(block, nnx.Cache), maps
 
     policy_name = cfg.remat if not (decode or record) else "none"
@@ -188,7 +187,7 @@ def _site_maps(sown) -> dict:
   out = {}
   for site in ("attn_conn", "mlp_conn"):
     if site in sown:
-      out[site] = {k: sown[site][k].get_value()[0] for k in MAPPINGS if k in sown[site]}
+      out[site] = {k: sown[site][k][0] for k in MAPPINGS if k in sown[site]}
   return out
 
 
