@@ -56,6 +56,7 @@ def test_bad_sample_eval_plot_numbers_and_paths(base_run, tmp_path):
       (["compare-sharding", "--strategies", ","], "--strategies"),
       (["compare-sharding", "--steps", "-1"], "--steps=-1"),
       (["compare-sharding", "--cpu-devices", "-4"], "--cpu-devices=-4"),
+      (["compare-sharding", "--no-plot", "--out", str(tmp_path / "cs")], "pass --cpu-devices 8"),
   ]
   for argv, word in cases:
     res = cli(argv, timeout=120)
