@@ -2,9 +2,12 @@
 written with its metadata, so the one command cannot rot while no GPU is at hand."""
 import json
 
+import pytest
+
 from mhc_jax.tools import bench_gpu
 
 
+@pytest.mark.slow
 def test_bench_gpu_smoke_writes_json(tmp_path):
   out = tmp_path / "bench_gpu.json"
   assert bench_gpu.main(["--smoke", "--out", str(out), "--budget-s", "300"]) == 0
