@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("rest", nargs=argparse.REMAINDER)
   cs = sub.add_parser("compare-sharding", help="compare sharding strategies (memory, comms)")
   cs.add_argument("rest", nargs=argparse.REMAINDER)
+  importlib.import_module("mhc_jax.quant.cli").add_parser(sub)   # quantize (mhc_jax.quant)
   return p
 
 
@@ -287,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
       shd.initialize_from_args(args)   # before any device use; no-op on a single host
       return cmd_train(args)
+    qcli = importlib.import_module("mhc_jax.quant.cli")
+    if args.command == "quantize":
+      return qcli.run(args)
+    if args.command in ("eval", "sample") and qcli.is_quantized_dir(args.run_dir):
+      return qcli.run_loaded(args)   # a quantised checkpoint (mhc-jax quantize --out)
     if args.command == "eval":
       return cmd_eval(args)
     if args.command == "sample":
