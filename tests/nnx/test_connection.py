@@ -150,3 +150,13 @@ def test_errors_name_the_field():
     mnnx.Connection(cfg, 0, rngs=nnx.Rngs(0))
   with pytest.raises(ConfigError, match="connection.n_streams"):
     mnnx.Connection(ConnectionConfig(kind="residual", n_streams=2), C, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", ["mhc", "mhc_lite"])
+def test_kernel_path_matches_linen(kind):
+  """`implementation="interpret"`: the Pallas kernels (interpreted on CPU) behind the NNX module."""
+  cfg = ConnectionConfig(kind=kind, n_streams=2, implementation="interpret")
+  conn, lin, params = _pair(cfg)
+  x = _rand(1, (2, 8, 2, C))
+  np.testing.assert_allclose(conn(x, branch), lin.apply({"params": params}, x, branch, 0),
+                             rtol=1e-6, atol=1e-6)

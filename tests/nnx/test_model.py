@@ -57,13 +57,14 @@ def _check_parity(cfg, tok=None, rtol=1e-5):
 
 
 @pytest.mark.parametrize("kind,n", KINDS_N)
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_lm_matches_linen(kind, n, scan):
   _check_parity(_cfg(kind, n, scan_layers=scan, collapse="head" if kind == "mhc" else "sum",
                      tie_embeddings=kind != "hc"))
 
 
-@pytest.mark.parametrize("remat,group", [("full", 0), ("dots", 0), ("mhc_paper", 2)])
+@pytest.mark.parametrize("remat,group", [("full", 0), ("dots", 0),
+                                         pytest.param("mhc_paper", 2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("scan", [True, False])
 def test_lm_remat_matches_linen(remat, group, scan):
   _check_parity(_cfg("mhc", 2, scan_layers=scan, remat=remat, remat_group=group))
@@ -118,11 +119,13 @@ def test_decode_matches_linen_and_full_forward(scan):
   model = mnnx.from_linen_params(mnnx.LM(cfg, rngs=nnx.Rngs(0)), params)
   model.init_cache(tok.shape[0])
   cache = linen_model.init_cache(cfg, params, tok.shape[0])
-  lin = linen_model.LM(cfg, decode=True)
+  lin = jax.jit(lambda c, t: linen_model.LM(cfg, decode=True).apply(
+      {"params": params, "cache": c}, t, mutable=["cache"]))
+  nnx_step = nnx.jit(lambda m, t: m(t, decode=True))
   steps = []
   for t in range(tok.shape[1]):
-    got = model(tok[:, t:t + 1], decode=True)
-    want, upd = lin.apply({"params": params, "cache": cache}, tok[:, t:t + 1], mutable=["cache"])
+    got = nnx_step(model, tok[:, t:t + 1])
+    want, upd = lin(cache, tok[:, t:t + 1])
     cache = upd["cache"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     steps.append(got)
