@@ -147,3 +147,11 @@ def test_tpu_v5e8_fsdp_tp_train_step_with_kernels_compiles():
   lowered, mesh, _ = lower_step(cfg, topology_devices("v5e:2x4"))
   text = lowered.compile().as_text()
   assert text.count("tpu_custom_call") >= 4
+
+
+@needs_gpu_aot
+def test_compare_sharding_accepts_h100_topologies():
+  from mhc_jax.sharding_compare import topology_devices
+  devs = topology_devices("h100:8")
+  assert len(devs) == 8 and devs[0].platform == "gpu" and "H100" in devs[0].device_kind
+  assert "H200" in topology_devices("h200:2")[0].device_kind
