@@ -49,6 +49,8 @@ class LM(nnx.Module):
 
   `decode=True` runs on the KV cache made by `init_cache` (capacity `cfg.max_seq_len`).
   `mappings(tokens)` gives the sown `h_pre, h_post, h_res` stacked over the 2L sites.
+  `cfg.remat` ("full", "dots", "mhc_paper" recompute groups) applies to the plain forward / training;
+  `mappings` and decode run without recomputation, as in the Linen LM.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):

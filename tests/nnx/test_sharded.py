@@ -16,7 +16,8 @@ from mhc_jax.train.step import token_losses
 
 CFG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float32",
                   connection=ConnectionConfig(kind="mhc", n_streams=2))
-TX = make_optimizer(TrainConfig(lr=1e-2, warmup_steps=0, steps=10))
+# adam_eps well above the gradients' float noise: a first Adam step is g / (|g| + eps)
+TX = make_optimizer(TrainConfig(lr=1e-2, warmup_steps=0, steps=10, adam_eps=1e-3))
 
 
 def _loss(model, tok):
@@ -33,7 +34,8 @@ def _create():
   return mnnx.LM(CFG, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("strategy,shape", [("dp", None), ("fsdp_tp", (1, 4, 2))])
+@pytest.mark.parametrize("strategy,shape", [("dp", None),
+                                            pytest.param("fsdp_tp", (1, 4, 2), marks=pytest.mark.slow)])
 def test_sharded_nnx_matches_single_device(strategy, shape):
   tok = jax.random.randint(jax.random.PRNGKey(1), (8, 9), 0, CFG.vocab_size)
   ref = _create()
@@ -51,13 +53,14 @@ def test_sharded_nnx_matches_single_device(strategy, shape):
     opt = nnx.Optimizer(model, TX, wrt=nnx.Param)
     tok_s = jax.device_put(tok, msh.batch_sharding(mesh, mesh_cfg))
     loss, grads = nnx.jit(_step)(model, opt, tok_s)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
 
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
   if strategy == "fsdp_tp":
     assert specs["embed"]["embedding"] == jax.sharding.PartitionSpec("tensor", ("data", "fsdp"))
     assert specs["blocks"]["attn"]["query"]["kernel"][2] == "tensor"
     emb = model.embed.embedding[...]
-    assert emb.sharding.spec == specs["embed"]["embedding"] and len(emb.addressable_shards) == 8
+    assert emb.sharding.is_equivalent_to(NamedSharding(mesh, specs["embed"]["embedding"]), emb.ndim)
+    assert emb.addressable_shards[0].data.shape == (CFG.vocab_size // 2, CFG.d_model // 4)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads)), jax.tree.leaves(nnx.to_pure_dict(ref_grads))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
