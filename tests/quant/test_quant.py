@@ -21,6 +21,9 @@ from mhc_jax.train.config import apply_overrides
 from mhc_jax.train.loop import train
 from tests.train.helpers import tiny_config, write_corpus
 
+# qwix 0.1.8 checks isinstance(x, nnx.VariableState), which flax 0.12 deprecates (warns per call)
+pytestmark = pytest.mark.filterwarnings("ignore:'VariableState' was removed:DeprecationWarning")
+
 
 # ---------------------------------------------------------------- NumPy reference (float64)
 def np_scale(w, bits, axis_groups):
