@@ -231,11 +231,50 @@ def _axes(spec: P) -> frozenset:
 
 
 def _shard_map(body, x_spec: P, in_specs, out_specs):
-  """`jax.shard_map` manual over the mesh axes that split x only (`check_vma=False`: Pallas calls
-  carry no varying-axis types). Axes that replicate x stay automatic, so no device does a psum of
-  cotangents that are equal on all of them (GSPMD keeps the kernel replicated there)."""
-  return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
-                       out_specs=out_specs, axis_names=_axes(x_spec), check_vma=False)
+  """`body` per device under `jax.shard_map`, manual over every mesh axis (Mosaic calls cannot be
+  partitioned automatically); `check_vma=False` (Pallas calls carry no varying-axis types).
+
+  Axes that split x ("split") follow shard_map's own differentiation. On axes that replicate x
+  ("rest"), every device computes the same block; shard_map's transpose would then psum cotangents
+  that are equal on all of them (an activation-sized all-reduce per site, e.g. under plain TP). So
+  with rest axes the VJP is explicit: each device differentiates its own block, output cotangents
+  are divided and input cotangents psum-ed over the split axes an output or input is replicated on
+  (exactly shard_map's rule), and nothing happens over the rest axes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  flat_in = jax.tree.leaves(in_specs, is_leaf=lambda v: isinstance(v, P))
+  split = _axes(x_spec)
+  rest = [a for a in mesh.axis_names if a not in split]
+
+  def smap(fn, i, o):
+    return jax.shard_map(fn, mesh=mesh, in_specs=i, out_specs=o, check_vma=False)
+  if not rest:
+    return smap(body, in_specs, out_specs)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+  def missing(spec):      # split axes this operand is replicated on
+    return tuple(a for a in mesh.axis_names if a in split and a not in _axes(spec))
+
+  def local_bwd(args, cts):
+    cts = jax.tree.map(lambda c, o: c / math.prod(sizes[a] for a in missing(o)), cts,
+                       out_specs)
+    _, pull = jax.vjp(body, *args)
+    grads = pull(cts)
+    return tuple(jax.lax.psum(g, missing(sp)) if missing(sp) else g
+                 for g, sp in zip(grads, flat_in))
+
+  @jax.custom_vjp
+  def mapped(*args):
+    return smap(body, in_specs, out_specs)(*args)
+
+  def fwd(*args):
+    return mapped(*args), args    # the kernels' VJPs need only their inputs
+
+  def bwd(args, cts):
+    return smap(local_bwd, (in_specs, out_specs), in_specs)(args, cts)
+
+  mapped.defvjp(fwd, bwd)
+  return mapped
 
 
 @dataclasses.dataclass(frozen=True)

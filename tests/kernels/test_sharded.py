@@ -25,6 +25,13 @@ def mesh():
               axis_types=(AxisType.Auto,) * 2)
 
 
+@pytest.fixture(scope="module")
+def mesh3():
+  """A third axis that x is replicated over (as `tensor` under plain TP)."""
+  return Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "tensor", "extra"),
+              axis_types=(AxisType.Auto,) * 3)
+
+
 def _data():
   rng = np.random.default_rng(0)
   w = ops.mhc_width(N)
@@ -77,6 +84,23 @@ def test_sharded_site_equals_unsharded(mesh, reference, x_spec, impl):
   if impl == "interpret":
     # Each device ran the kernels on its own block: nothing was gathered for them.
     assert "all-gather" not in text
+
+
+@pytest.mark.parametrize("x_spec", [P("data", "tensor", None, None), P("data", None, None, "tensor")])
+def test_axes_that_replicate_x_add_no_collective(mesh3, reference, x_spec):
+  """Every device on `extra` computes the same block: values and gradients still equal the
+  unsharded ones, and no all-reduce runs over `extra` (shard_map's own transpose would psum the
+  equal cotangents there)."""
+  x, params, y = _data()
+  with jax.set_mesh(mesh3):
+    f = jax.jit(_site_loss("interpret", x_spec))
+    got = f(x, params, y)
+    text = f.lower(x, params, y).compile().as_text()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+  assert "all-gather" not in text
+  groups = [l for l in text.splitlines() if "all-reduce(" in l or "all-reduce-start(" in l]
+  assert groups and not any("{'extra'}" in l or "'extra'}" in l for l in groups), groups
 
 
 def test_stream_axis_sharding_is_refused(mesh):
