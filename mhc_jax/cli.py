@@ -187,9 +187,7 @@ def cmd_eval(args) -> int:
   import jax
   from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
   from mhc_jax.train.loop import _jit_steps, _to_device, count_bytes, evaluate, load_checkpoint
-  if args.batches is not None and args.batches < 1:
-    raise ConfigError(f"--batches={args.batches} is not allowed: an integer >= 1")
-  _check_backend()
+  _check_loaded_args(args)
   cfg, state, step, setup = load_checkpoint(args.run_dir, args.step)
   n = cfg.train.eval_batches if args.batches is None else args.batches
   if n < 1:
@@ -222,13 +220,23 @@ def _check_sample_args(args):
     raise ConfigError(f"--tokens={args.tokens} is not allowed: an integer >= 1")
 
 
+def _check_eval_args(args):
+  if args.batches is not None and args.batches < 1:
+    raise ConfigError(f"--batches={args.batches} is not allowed: an integer >= 1")
+
+
+def _check_loaded_args(args):
+  """The checks of `eval` / `sample` that do not need the checkpoint (any checkpoint kind)."""
+  (_check_sample_args if args.command == "sample" else _check_eval_args)(args)
+  _check_backend()
+
+
 def cmd_sample(args) -> int:
   _distributed()
   from mhc_jax.data import make_tokenizer
   from mhc_jax.sample import generate
   from mhc_jax.train.loop import load_checkpoint
-  _check_sample_args(args)
-  _check_backend()
+  _check_loaded_args(args)
   cfg, state, step, _ = load_checkpoint(args.run_dir, args.step)
   tok = make_tokenizer(cfg.data)
   import numpy as np
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quantize":
       return qcli.run(args)
     if args.command in ("eval", "sample") and qcli.is_quantized_dir(args.run_dir):
+      _check_loaded_args(args)
       return qcli.run_loaded(args)   # a quantised checkpoint (mhc-jax quantize --out)
     if args.command == "eval":
       return cmd_eval(args)

@@ -230,6 +230,12 @@ def test_cli_quantize_then_eval_and_sample(run_dir, tmp_path, capsys):
   code, o, e = _cli(["sample", "--run-dir", out, "--prompt", "def ", "--tokens", "5",
                      "--temperature", "0"], capsys)
   assert code == 0 and o.startswith("def "), e
+  # the sample / eval input checks apply to a quantised checkpoint too
+  for argv, field in ((["sample", "--run-dir", out, "--temperature", "nan"], "--temperature"),
+                      (["eval", "--run-dir", out, "--batches", "0"], "--batches")):
+    code, o, e = _cli(argv, capsys)
+    lines = [ln for ln in e.strip().splitlines() if ln]
+    assert code == 2 and len(lines) == 1 and field in lines[0], e
 
 
 @pytest.mark.parametrize("args,field", [
