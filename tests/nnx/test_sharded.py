@@ -67,3 +67,20 @@ def test_sharded_nnx_matches_single_device(strategy, shape):
   for a, b in zip(jax.tree.leaves(mnnx.to_linen_params(model)), jax.tree.leaves(mnnx.to_linen_params(ref))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert isinstance(shardings["embed"]["embedding"].get_value(), NamedSharding)
+
+
+def test_kernel_path_under_mesh_matches_unsharded():
+  """`implementation="interpret"` from NNX under a dp mesh: the kernels run under `shard_map`."""
+  cfg = ConnectionConfig(kind="mhc", n_streams=2, implementation="interpret")
+  conn = mnnx.Connection(cfg, 16, rngs=nnx.Rngs(0))
+  conn.b[...] = conn.b[...] + jax.random.normal(jax.random.PRNGKey(3), conn.b.shape)
+  x = jax.random.normal(jax.random.PRNGKey(4), (8, 4, 2, 16))
+  mlp = lambda u: jnp.tanh(u)  # noqa: E731
+  want = conn(x, mlp)
+  mesh_cfg = msh.MeshConfig(strategy="dp")
+  mesh = msh.make_mesh(mesh_cfg)
+  with msh.sharding_context(mesh, mesh_cfg):
+    got = nnx.jit(lambda c, x: c(x, mlp))(conn, jax.device_put(x, NamedSharding(mesh, msh.logical_spec(
+        ("batch", "length", "streams", "embed"), mesh_cfg))))
+    assert "shard_map" in str(jax.make_jaxpr(lambda x: conn(x, mlp))(x))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
