@@ -6,9 +6,9 @@ the feature chunking differ:
              lane-aligned when C % 128 == 0).
   gpu:       bt = 16 (power of two, masked tail; the smallest M of a Triton `dot`), 8 warps,
              power-of-two feature chunks (C % 16 == 0) of at most `gpu_max_chunk(...)` features:
-             256 (pre, 2-byte x) / 128 (pre, float32 x; post) so that one chunk's tiles of every
-             live stream fit the 255 registers of a thread and the pre kernel's `dot` operands fit
-             shared memory. Checked by compiling for an H100 without a GPU (`mhc_jax.tools.h100`,
+             256 (pre, 2-byte x) / 128 (pre, float32 x; post, n <= 4) / 64 (post, n > 4) so that
+             one chunk's tiles of every live stream fit the 255 registers of a thread and the pre
+             kernel's `dot` operands fit shared memory. Checked by compiling for an H100 without a GPU (`mhc_jax.tools.h100`,
              experiments/results/h100_aot_*.json): 1024-feature chunks needed 256-768 KiB of shared
              memory (the H100 has 227 KiB per block) and spilled.
   interpret: HLO interpreter on any platform (tests), TPU-style blocks unless `max_chunk` is given.
@@ -68,9 +68,12 @@ GPU_NUM_WARPS = 8
 GPU_NUM_STAGES = 2
 
 
-def gpu_max_chunk(itemsize: int, pre: bool) -> int:
-  """Largest feature chunk of a GPU kernel (see the module doc; measured on sm_90a)."""
-  return 256 if pre and itemsize <= 2 else 128
+def gpu_max_chunk(itemsize: int, pre: bool, n: int = 4) -> int:
+  """Largest feature chunk of a GPU kernel (see the module doc; measured on sm_90a). The post
+  backward keeps 2n + 3 chunk tiles live: n = 8 at 128 features spilled 496 B per thread."""
+  if pre:
+    return 256 if itemsize <= 2 else 128
+  return 128 if n <= 4 else 64
 
 
 def make_cfg(backend: str, n: int, c: int, dtype, tokens: int, *, spec: MapSpec | None = None,
@@ -81,7 +84,7 @@ def make_cfg(backend: str, n: int, c: int, dtype, tokens: int, *, spec: MapSpec 
   extra = {}
   if backend == "gpu":
     if max_chunk is None:
-      max_chunk = gpu_max_chunk(itemsize, pre=spec is not None)
+      max_chunk = gpu_max_chunk(itemsize, pre=spec is not None, n=n)
     extra = dict(num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
   return KernelCfg(backend=backend, n=n, c=c, bt=token_block(backend, n, c, itemsize, tokens, bt),
                    max_chunk=max_chunk, bf16_passes=bf16_passes, spec=spec, **extra)
