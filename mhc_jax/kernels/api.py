@@ -8,8 +8,9 @@
 `implementation`: `xla` is the `mhc_jax.ops` path. `pallas` compiles the kernel for the platform
 (TPU: Mosaic, GPU: Triton) and raises `ConfigError` for an unsupported platform, shape or dtype.
 `interpret` runs the same kernel body in the Pallas interpreter (any platform; tests).
-`auto` is `pallas` on TPU/GPU when the inputs are supported (on TPU also C % 128 == 0, the
-lane-aligned case) and the streams mix in float32, else `xla` (always `xla` on CPU).
+`auto` is `pallas` on TPU when the inputs are supported (C % 128 == 0, the lane-aligned case) and
+the streams mix in float32, else `xla`: always on CPU, and on GPU until the Triton pre kernel stops
+spilling (see `resolve`).
 
 The platform is the active mesh's (`jax.sharding.get_abstract_mesh()`, so an ahead-of-time compile
 for a TPU or GPU topology takes that platform's kernels), else `jax.default_backend()`.
@@ -78,7 +79,10 @@ def resolve(implementation: str, x, kind: str = "mhc", field: str = "implementat
   if implementation == "auto":
     # TPU compiles any C, but stream slices are lane-aligned (fast) only for C % 128 == 0.
     slow = backend == "tpu" and x.shape[-2] > 1 and x.shape[-1] % 128
-    return "xla" if (why or slow) else backend
+    # GPU: the Triton pre kernel spills registers on sm_90a and its phi block outgrows shared
+    # memory from C = 2048 (deviceless H100 compiles, README "GPU machine code"), so `auto` keeps
+    # XLA on GPU until that kernel is restructured; `pallas` still selects it.
+    return "xla" if (why or slow or backend == "gpu") else backend
   if why:
     raise ConfigError(f"{field}='pallas' is not available here: {why}; "
                       "use implementation='auto' to fall back to XLA")

@@ -67,3 +67,5 @@ def test_pallas_on_a_supported_platform_uses_the_kernel(monkeypatch):
   monkeypatch.setattr(api, "platform_backend", lambda: "gpu")
   with pytest.raises(ConfigError, match="C=200"):
     resolve("pallas", _x(c=200))
+  # GPU: explicit pallas takes the Triton kernels; auto keeps XLA while the pre kernel spills.
+  assert resolve("pallas", _x()) == "gpu" and resolve("auto", _x()) == "xla"
