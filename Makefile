@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 
 venv: $(VENV)/.installed
 
+# The venv holds the compile-only accelerator plugins (tpu-aot, gpu-aot extras); on a machine with no
+# GPU or TPU device they would print their failed start-up before JAX falls back to the CPU.
 train: venv
-	$(VENV)/bin/mhc-jax train --preset default $(ARGS)
+	@if [ -z "$${JAX_PLATFORMS+set}" ] && ! ls /dev/nvidia0 /dev/accel0 /dev/vfio/0 >/dev/null 2>&1; \
+	  then export JAX_PLATFORMS=cpu; fi; \
+	  $(VENV)/bin/mhc-jax train --preset default $(ARGS)
 
 test: venv
 	@JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadgroup --timeout 1500 --durations=20 $(PYTEST_ARGS); rc=$$?; \
