@@ -6,6 +6,7 @@ Every sublayer is wrapped as (mHC paper Eq. 3, pre-norm order of HC Alg. 3):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -57,7 +58,10 @@ class Connection(nn.Module):
     if cfg.kind == "residual":
       y = checkpoint_name(branch(norm(x[..., 0, :])), BRANCH_OUT)
       return x + y[..., None, :].astype(x.dtype)
-    site_ops = kernels.site_ops(cfg, x, stream_spec())
+    # Initialisation only creates parameters: it takes the XLA path, whatever the platform (an
+    # abstract init on a CPU host for a GPU/TPU target must not resolve kernels for the host).
+    site_cfg = dataclasses.replace(cfg, implementation="xla") if self.is_initializing() else cfg
+    site_ops = kernels.site_ops(site_cfg, x, stream_spec())
     u, coeffs = site_ops.pre(x, self.params_for(x, site))
     coeffs = jax.tree.map(lambda h: checkpoint_name(h, COEFFS), coeffs)
     for name, value in zip(("h_pre", "h_post", "h_res"), coeffs.split()):
