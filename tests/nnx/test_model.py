@@ -65,7 +65,7 @@ def test_lm_matches_linen(kind, n, scan):
 
 @pytest.mark.parametrize("remat,group", [("full", 0), pytest.param("dots", 0, marks=pytest.mark.slow),
                                          pytest.param("mhc_paper", 2, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_lm_remat_matches_linen(remat, group, scan):
   """3 layers: mhc_paper with groups of 2 runs one scanned group and a shorter last group."""
   _check_parity(_cfg("mhc", 2, n_layers=3, scan_layers=scan, remat=remat, remat_group=group))
