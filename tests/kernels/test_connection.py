@@ -42,10 +42,13 @@ def test_connection_interpret_equals_xla(kind, n):
 
 
 def test_connection_pallas_on_cpu_errors():
+  """Parameters can be created for any target (init takes the XLA path); running the kernels on a
+  platform without them is a ConfigError."""
   x = jnp.zeros((1, 2, 4, 128), jnp.float32)
+  mod = Connection(ConnectionConfig(implementation="pallas"))
+  params = mod.init(jax.random.PRNGKey(0), x, lambda u: u, 0)
   with pytest.raises(ConfigError, match="connection.implementation='pallas' is not available.*cpu"):
-    Connection(ConnectionConfig(implementation="pallas")).init(jax.random.PRNGKey(0), x,
-                                                               lambda u: u, 0)
+    mod.apply(params, x, lambda u: u, 0)
 
 
 @pytest.mark.parametrize("kw,match", [
