@@ -53,27 +53,15 @@ def run(args) -> int:
 
 
 def run_loaded(args) -> int:
-  """`mhc-jax eval|sample --run-dir Q` for a quantised checkpoint directory `Q`."""
+  """`mhc-jax eval|sample --run-dir Q` for a quantised checkpoint directory `Q` (the command's
+  argument checks have run: `mhc_jax.cli._check_loaded_args`)."""
   if getattr(args, "step", None) is not None:
     raise ConfigError(f"--step={args.step} is not allowed: {args.run_dir!r} is a quantised "
                       f"checkpoint with one step")
   from mhc_jax.quant.infer import quantized_eval, quantized_sample
   if args.command == "eval":
-    if args.batches is not None and args.batches < 1:
-      raise ConfigError(f"--batches={args.batches} is not allowed: an integer >= 1")
     print(json.dumps(quantized_eval(args.run_dir, batches=args.batches, split=args.split)))
     return 0
-  import math
-  if args.num < 1:
-    raise ConfigError(f"--num={args.num} is not allowed: an integer >= 1")
-  if args.top_k < 0:
-    raise ConfigError(f"--top-k={args.top_k} is not allowed: an integer >= 0 (0 = no limit)")
-  if not math.isfinite(args.temperature) or args.temperature < 0:
-    raise ConfigError(f"--temperature={args.temperature} is not allowed: a finite number >= 0")
-  if not 0 <= args.seed < 2**32:
-    raise ConfigError(f"--seed={args.seed} is not allowed: an integer in [0, 2**32)")
-  if args.tokens is not None and args.tokens < 1:
-    raise ConfigError(f"--tokens={args.tokens} is not allowed: an integer >= 1")
   texts = quantized_sample(args.run_dir, args.prompt, tokens=args.tokens,
                            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                            num=args.num)
