@@ -37,6 +37,9 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def _leaf_name(path) -> str:
+  """The parameter's own name; an NNX `Variable`'s trailing `.value` attribute is skipped."""
+  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   last = path[-1]
   return str(getattr(last, "key", getattr(last, "name", last)))
 

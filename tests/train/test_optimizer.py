@@ -64,3 +64,11 @@ def test_masked_adamw_leaves_exempt_params_undecayed():
   np.testing.assert_allclose(new["w"], 1 - 0.1 * 0.5, rtol=1e-6)
   np.testing.assert_array_equal(new["b"], 1.0)
   np.testing.assert_array_equal(new["norm"]["scale"], 1.0)
+
+
+def test_decay_mask_reads_nnx_variable_names():
+  """NNX state trees end each path in a Variable's `.value`: the mask still sees the name."""
+  from flax import nnx
+  state = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
+  mask = decay_mask(state)
+  assert bool(mask["kernel"].value) and not bool(mask["bias"].value)
