@@ -188,7 +188,7 @@ def cmd_eval(args) -> int:
   from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
   from mhc_jax.train.loop import _jit_steps, _to_device, count_bytes, evaluate, load_checkpoint
   _check_loaded_args(args)
-  cfg, state, step, setup = load_checkpoint(args.run_dir, args.step)
+  cfg, state, step, setup = _load_latest(load_checkpoint, args)
   n = cfg.train.eval_batches if args.batches is None else args.batches
   if n < 1:
     raise ConfigError(f"--batches={n} is not allowed: an integer >= 1")
@@ -220,6 +220,17 @@ def _check_sample_args(args):
     raise ConfigError(f"--tokens={args.tokens} is not allowed: an integer >= 1")
 
 
+def _load_latest(load_checkpoint, args, attempts: int = 3):
+  """`load_checkpoint(run_dir, step)`; without `--step`, retried when a running trainer removes the
+  chosen checkpoint (keep-N) while it is being read."""
+  for attempt in range(attempts):
+    try:
+      return load_checkpoint(args.run_dir, args.step)
+    except FileNotFoundError:
+      if args.step is not None or attempt == attempts - 1:
+        raise
+
+
 def _check_eval_args(args):
   if args.batches is not None and args.batches < 1:
     raise ConfigError(f"--batches={args.batches} is not allowed: an integer >= 1")
@@ -237,7 +248,7 @@ def cmd_sample(args) -> int:
   from mhc_jax.sample import generate
   from mhc_jax.train.loop import load_checkpoint
   _check_loaded_args(args)
-  cfg, state, step, _ = load_checkpoint(args.run_dir, args.step)
+  cfg, state, step, _ = _load_latest(load_checkpoint, args)
   tok = make_tokenizer(cfg.data)
   import numpy as np
   ids = tok.encode(args.prompt)
