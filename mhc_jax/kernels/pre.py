@@ -11,6 +11,17 @@ parameters is saved), differentiates the mapping exactly (Sinkhorn iterates rebu
 registers, never stored in HBM), and returns dx plus the per-token `dz`, `h = proj * r` and
 `dproj`; the parameter gradients are float32 reductions over tokens done by XLA:
     dphi = x_flat^T dproj,  db = sum_t dz,  dalpha_g = sum_t sum_{k in g} dz_k h_k.
+
+Two forms of the per-block feature passes (the math is the same):
+  static: the feature axis cut into static chunks, unrolled (TPU / Mosaic, and interpret mode
+          without `max_chunk`): one chunk per stream by default.
+  looped: GPU (Triton), and interpret mode with `max_chunk`: every pass over the features is a
+          `lax.fori_loop` over equal power-of-two chunks `s` (`loop_chunk`), sliced from the refs
+          with `pl.ds(pl.multiple_of(j*C + q*s, s), s)`; only float32 accumulators (`proj [bt, W]`,
+          `sumsq`, the n `<du, x[j]>`) are carried, so no tile grows with C: one x chunk
+          `[bt, s]` and one phi chunk `[s, W]` per step. Unrolled chunks made Triton keep several
+          chunks' tiles live (register spills on sm_90a, and shared memory past the H100's limit
+          from C = 2048).
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from mhc_jax.kernels import block, launch
 from mhc_jax.kernels.block import col, mapping, project, row
@@ -29,8 +41,35 @@ def _xload(cfg, ref, j, o, s):
   return ref[:, j * cfg.c + o:j * cfg.c + o + s]
 
 
+def loop_chunk(cfg) -> int | None:
+  """Feature chunk `s` of the looped form (module doc), or None for the static form (TPU, and
+  interpret mode without `max_chunk`): the largest power of two <= max_chunk that divides C."""
+  if cfg.max_chunk is None or cfg.backend == "tpu":
+    return None
+  s = 1 << (max(1, min(cfg.max_chunk, cfg.c)).bit_length() - 1)
+  while cfg.c % s:
+    s //= 2
+  return s
+
+
+def _ds(off, s):
+  """`pl.ds` of a chunk start `off` (traced, a multiple of s) and static size s."""
+  return pl.ds(pl.multiple_of(off, s), s)
+
+
 def stats(cfg, x_ref, phi_ref):
   """`(proj [bt, W], sumsq [bt, 1])` of this block's features (all of them, or one shard's)."""
+  s = loop_chunk(cfg)
+  if s is not None:
+    # x_flat and phi rows are both stream-major: chunk i is features [i*s, (i+1)*s) of x_flat.
+    def body(i, carry):
+      sl = _ds(i * s, s)
+      p, t = project([x_ref[:, sl]], [phi_ref[sl, :]], cfg.bf16_passes)
+      return carry[0] + p, carry[1] + t
+
+    bt, f32 = x_ref.shape[0], jnp.float32
+    init = (jnp.zeros((bt, cfg.spec.lanes), f32), jnp.zeros((bt, 1), f32))
+    return jax.lax.fori_loop(0, cfg.nc // s, body, init)
   ch = block.chunks(cfg.c, cfg.max_chunk)
   pieces = [(j, o, s) for j in range(cfg.n) for o, s in ch]
   return project([_xload(cfg, x_ref, j, o, s) for j, o, s in pieces],
@@ -63,6 +102,19 @@ def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
   h = f["fn"](f["z"])
   h_ref[...] = h
   hpre = [col(h, j) for j in range(cfg.n)]
+  s = loop_chunk(cfg)
+  if s is not None:
+    c, f32 = cfg.c, jnp.float32
+
+    def body(q, carry):
+      u = hpre[0] * x_ref[:, _ds(q * s, s)].astype(f32)
+      for j in range(1, cfg.n):
+        u = u + hpre[j] * x_ref[:, _ds(q * s + j * c, s)].astype(f32)
+      u_ref[:, _ds(q * s, s)] = u.astype(u_ref.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, c // s, body, 0)
+    return
   for q, (o, s) in enumerate(f["ch"]):
     u = hpre[0] * _xload(cfg, x_ref, 0, o, s).astype(jnp.float32)
     for j in range(1, cfg.n):
@@ -70,32 +122,72 @@ def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
     u_ref[:, o:o + s] = u.astype(u_ref.dtype)
 
 
+def _dpre_static(cfg, ch, x_ref, du_ref):
+  """`[<du, x[j]>]` per stream j (each `[bt, 1]`), static chunks."""
+  dus = [du_ref[:, o:o + s].astype(jnp.float32) for o, s in ch]
+  out = []
+  for j in range(cfg.n):
+    g = None
+    for q, (o, s) in enumerate(ch):
+      t = jnp.sum(dus[q] * _xload(cfg, x_ref, j, o, s).astype(jnp.float32), axis=1, keepdims=True)
+      g = t if g is None else g + t
+    out.append(g)
+  return out
+
+
+def _dpre_loop(cfg, s, x_ref, du_ref):
+  """`[<du, x[j]>]` per stream j, one du chunk and n x chunks per loop step."""
+  c, f32 = cfg.c, jnp.float32
+
+  def body(q, g):
+    du = du_ref[:, _ds(q * s, s)].astype(f32)
+    return tuple(g[j] + jnp.sum(du * x_ref[:, _ds(q * s + j * c, s)].astype(f32), axis=1,
+                                keepdims=True) for j in range(cfg.n))
+
+  init = tuple(jnp.zeros((x_ref.shape[0], 1), f32) for _ in range(cfg.n))
+  return list(jax.lax.fori_loop(0, c // s, body, init))
+
+
 def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
   *stat_refs, du_ref, dh_ref, dx_ref, dz_ref, hh_ref, dproj_ref = rest
   f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_refs or None)
   h, vjp = jax.vjp(f["fn"], f["z"])
   ch = f["ch"]
-  dus = [du_ref[:, o:o + s].astype(jnp.float32) for o, s in ch]
+  s = loop_chunk(cfg)
   lanes = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
   dh = dh_ref[...]
-  for j in range(0 if cfg.dpre_given else cfg.n):   # u = sum_j H_pre[j] x[j]: dH_pre[j] += <du, x[j]>
-    g = None
-    for q, (o, s) in enumerate(ch):
-      t = jnp.sum(dus[q] * _xload(cfg, x_ref, j, o, s).astype(jnp.float32), axis=1, keepdims=True)
-      g = t if g is None else g + t
-    dh = dh + jnp.where(lanes == j, g, 0.0)
+  if not cfg.dpre_given:      # u = sum_j H_pre[j] x[j]: dH_pre[j] += <du, x[j]>
+    g = _dpre_static(cfg, ch, x_ref, du_ref) if s is None else _dpre_loop(cfg, s, x_ref, du_ref)
+    for j in range(cfg.n):
+      dh = dh + jnp.where(lanes == j, g[j], 0.0)
   (dz,) = vjp(dh)
   dhh = dz * f["a_row"]
   r = f["r"]
   dproj = dhh * r
   dr = jnp.sum(dhh * f["proj"], axis=1, keepdims=True)
   dss2 = dr * (-1.0 / (cfg.norm_count or cfg.nc)) * r * r * r          # d/dx of ss is 2x; r = (ss/N + eps)^-1/2
-  for j in range(cfg.n):
-    hpre = col(h, j)
-    for q, (o, s) in enumerate(ch):
-      dx = block._dot_nt(dproj, phi_ref[j * cfg.c + o:j * cfg.c + o + s, :])
-      dx = dx + dss2 * _xload(cfg, x_ref, j, o, s).astype(jnp.float32) + hpre * dus[q]
-      dx_ref[:, j * cfg.c + o:j * cfg.c + o + s] = dx.astype(dx_ref.dtype)
+  hpre = [col(h, j) for j in range(cfg.n)]
+  f32 = jnp.float32
+  if s is not None:
+    c = cfg.c
+
+    def body(q, carry):
+      du = du_ref[:, _ds(q * s, s)].astype(f32)
+      for j in range(cfg.n):
+        sl = _ds(q * s + j * c, s)
+        dx = block._dot_nt(dproj, phi_ref[sl, :])
+        dx = dx + dss2 * x_ref[:, sl].astype(f32) + hpre[j] * du
+        dx_ref[:, sl] = dx.astype(dx_ref.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, c // s, body, 0)
+  else:
+    dus = [du_ref[:, o:o + s_].astype(f32) for o, s_ in ch]
+    for j in range(cfg.n):
+      for q, (o, s_) in enumerate(ch):
+        dx = block._dot_nt(dproj, phi_ref[j * cfg.c + o:j * cfg.c + o + s_, :])
+        dx = dx + dss2 * _xload(cfg, x_ref, j, o, s_).astype(f32) + hpre[j] * dus[q]
+        dx_ref[:, j * cfg.c + o:j * cfg.c + o + s_] = dx.astype(dx_ref.dtype)
   dz_ref[...] = dz
   hh_ref[...] = f["hh"]
   dproj_ref[...] = dproj

@@ -12,13 +12,18 @@ from mhc_jax import ops
 from mhc_jax.kernels import mhc_pre
 from tests.kernels import oracle
 
-# kind, n, C, tokens, dtype, block_tokens, max_chunk (None: TPU-style; int: GPU-style chunks)
+# kind, n, C, tokens, dtype, block_tokens, max_chunk (None: TPU-style, one static chunk; int:
+# GPU-style, a fori_loop over chunks of the largest power of two <= max_chunk dividing C)
 CASES = [
     ("mhc", 4, 64, 37, "float32", 16, None),      # ragged: 3 blocks, last one partial
     pytest.param("mhc", 3, 48, 20, "bfloat16", 16, 32,   # chunks 32 + 16, bf16 streams, odd n
                  marks=pytest.mark.slow),
     ("mhc_lite", 3, 32, 9, "float32", None, None),
     ("mhc", 1, 32, 5, "float32", None, None),
+    # looped chunks (the GPU form: lax.fori_loop over pl.ds slices), C = 4 s: 4 chunks per stream
+    ("mhc", 4, 64, 37, "float32", 16, 16),
+    ("mhc", 4, 128, 20, "bfloat16", 16, 32),
+    ("mhc_lite", 3, 64, 9, "float32", 16, 16),
 ]
 
 
