@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from mhc_jax import sharding as shd
+from mhc_jax import distributed
 from mhc_jax.config import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--allow-data-change", action="store_true",
                  help="with --resume: continue although the corpus changed since the checkpoint")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
-  shd.add_distributed_args(t)   # multi-host: jax.distributed flags (mhc_jax.sharding)
+  add_distributed_args(t)   # multi-host: jax.distributed flags
 
   e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
   e.add_argument("--run-dir", required=True)
@@ -108,7 +108,7 @@ def resolve_config(preset: str | None, overrides: list[str], run_dir: str | None
   """Preset (or, for `--resume` without a preset, the run directory's config) + overrides."""
   from mhc_jax.configs import get_preset
   from mhc_jax.train import run_dir as rd
-  from mhc_jax.train.config import apply_overrides
+  from mhc_jax.config import apply_overrides
   if preset is None and resume and run_dir:
     base = rd.read_config(run_dir)
   else:
@@ -118,8 +118,33 @@ def resolve_config(preset: str | None, overrides: list[str], run_dir: str | None
 
 def _distributed():
   """`jax.distributed.initialize()` when the environment asks for it (Cloud TPU pod, SLURM, ...)."""
-  from mhc_jax.sharding import maybe_initialize_distributed
-  maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
+
+
+def add_distributed_args(parser) -> None:
+  """`--coordinator-address HOST:PORT --num-processes N --process-id I` (else the environment:
+  `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`, SLURM, Cloud TPU, Open MPI)."""
+  g = parser.add_argument_group("multi-host (jax.distributed)")
+  g.add_argument("--coordinator-address", default=None, help="process 0's HOST:PORT")
+  g.add_argument("--num-processes", type=int, default=None)
+  g.add_argument("--process-id", type=int, default=None)
+
+
+def initialize_from_args(args) -> bool:
+  """`maybe_initialize_distributed` from parsed `add_distributed_args` flags or the environment."""
+  env = os.environ
+  addr = getattr(args, "coordinator_address", None)
+  nproc = getattr(args, "num_processes", None)
+  pid = getattr(args, "process_id", None)
+  if addr is None and env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    addr = env["JAX_COORDINATOR_ADDRESS"]
+    nproc = int(env["JAX_NUM_PROCESSES"])
+    pid = int(env.get("JAX_PROCESS_ID", "-1"))
+  if addr is not None:
+    if nproc is None or pid is None or not 0 <= pid < nproc:
+      raise ConfigError(f"--process-id={pid!r} is not allowed: with --coordinator-address give "
+                        "--num-processes N and --process-id in [0, N)")
+  return distributed.maybe_initialize_distributed(addr, nproc, pid)
 
 
 def _exit_now(code: int, message: str):
@@ -275,7 +300,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-  from mhc_jax.train.config import to_json
+  from mhc_jax.config import to_json
   print(to_json(resolve_config(args.preset, args.overrides)))
   return 0
 
@@ -305,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
-      shd.initialize_from_args(args)   # before any device use; no-op on a single host
+      initialize_from_args(args)   # before any device use; no-op on a single host
       return cmd_train(args)
     qcli = importlib.import_module("mhc_jax.quant.cli")
     if args.command == "quantize":

@@ -10,7 +10,7 @@
 """
 import importlib
 
-from mhc_jax.data.config import DataConfig
+from mhc_jax.config import DataConfig
 
 _LAZY = {"make_train_iterator": "pipeline", "make_eval_batches": "pipeline",
          "Tokenizer": "tokenizer", "ByteTokenizer": "tokenizer",

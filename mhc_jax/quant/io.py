@@ -18,10 +18,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mhc_jax.config import ConfigError
+from mhc_jax.config import ConfigError, RunConfig
 from mhc_jax.quant.core import QuantSpec, WithAux, abstract_qparams, check_spec
 from mhc_jax.train import run_dir as rd
-from mhc_jax.train.config import RunConfig
 
 QUANT_JSON = "quant.json"
 PARAMS = "params"

@@ -71,11 +71,11 @@ def kernel_rows(items: list[dict]) -> list[dict]:
 
 def _step_bytes(n_streams: int, layers: int, implementation: str) -> dict:
   from mhc_jax.config import ConnectionConfig, ModelConfig
-  from mhc_jax.data.config import DataConfig
-  from mhc_jax.sharding import MeshConfig
+  from mhc_jax.config import DataConfig
+  from mhc_jax.config import MeshConfig
   from mhc_jax.sharding_compare import lower_step
   from mhc_jax.tools import h100
-  from mhc_jax.train.config import RunConfig, TrainConfig
+  from mhc_jax.config import RunConfig, TrainConfig
   kind = "residual" if n_streams == 1 else "mhc"
   conn = ConnectionConfig(kind=kind, n_streams=n_streams, implementation=implementation)
   model = ModelConfig(vocab_size=256, d_model=2048, n_layers=layers, n_heads=16, max_seq_len=2048,

@@ -75,7 +75,7 @@ def _kernel_item(item: dict) -> dict:
 def _step_item(item: dict) -> dict:
   import dataclasses
 
-  from mhc_jax.sharding import MeshConfig
+  from mhc_jax.config import MeshConfig
   from mhc_jax.sharding_compare import lower_step, preset
   from mhc_jax.tools import h100
   base = preset(item["preset"])

@@ -1,10 +1,8 @@
-"""Training: config, optimizer, sharded train state, pure steps, loop, metrics, run directories.
+"""Training: optimizer, sharded train state, pure steps, the loop, metrics, run directories.
 
-    from mhc_jax.train import RunConfig, train
-    train(cfg, "runs/x")
+    from mhc_jax.train import train
+    train(cfg, "runs/x")          # cfg: mhc_jax.config.RunConfig, e.g. mhc_jax.configs.get_preset
 """
-from mhc_jax.train.config import RunConfig, TrainConfig, apply_overrides
 from mhc_jax.train.loop import Interrupted, TrainingDiverged, load_checkpoint, train
 
-__all__ = ["RunConfig", "TrainConfig", "apply_overrides", "train", "load_checkpoint",
-           "TrainingDiverged", "Interrupted"]
+__all__ = ["train", "load_checkpoint", "TrainingDiverged", "Interrupted"]

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mhc_jax import sharding as shd
+from mhc_jax import distributed
 from mhc_jax.checkpoint import Checkpointer, SaveFailed
-from mhc_jax.config import ConfigError, fail
+from mhc_jax.config import ConfigError, RunConfig, diff, fail, to_dict
 from mhc_jax.train import run_dir as rd
-from mhc_jax.train.config import RunConfig, diff, to_dict
 from mhc_jax.train.metrics import MetricsWriter, truncate_after
 from mhc_jax.train.signals import StopSignals
 from mhc_jax.train.state import (MeshSetup, TrainState, abstract_target, create_state, make_setup,
@@ -59,7 +58,7 @@ def resume_command(run_dir: str) -> str:
 
 
 def _say(msg: str):
-  if shd.is_main_process():
+  if distributed.is_main_process():
     print(msg, flush=True)
 
 
@@ -82,7 +81,7 @@ def open_data(cfg: RunConfig):
 
 
 def _to_device(batch: dict, setup: MeshSetup) -> dict:
-  return {k: shd.global_batch_array(np.asarray(v, np.int32), setup.mesh, setup.mesh_cfg)
+  return {k: distributed.global_batch_array(np.asarray(v, np.int32), setup.mesh, setup.mesh_cfg)
           for k, v in batch.items() if k in ("inputs", "targets")}
 
 
@@ -228,7 +227,7 @@ def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progre
   _check_stop(sig, run_dir, progress_state)
 
   # 2. Now the run directory: lock it, then write.
-  main = shd.is_main_process()
+  main = distributed.is_main_process()
   lock = _lock(run_dir) if main else None
   if lock is not None:
     cleanup.append(lock.release)
@@ -249,7 +248,7 @@ def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progre
 
 def _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_host, data_fp,
          bytes_per_token, eval_bytes, ckpt, mode, allow_data_change, progress, final_outputs):
-  main = shd.is_main_process()
+  main = distributed.is_main_process()
   train_step, eval_step, diag_fn = _jit_steps(cfg, setup)
   metrics_path = os.path.join(run_dir, rd.METRICS)
 

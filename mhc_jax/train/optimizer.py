@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mhc_jax.train.config import TrainConfig
+from mhc_jax.config import TrainConfig
 
 NO_DECAY = frozenset({"scale", "bias", "b", "b_pre", "b_post", "b_res", "alpha", "embedding"})
 

@@ -28,7 +28,7 @@ import sys
 
 from mhc_jax import paths
 from mhc_jax.config import ConfigError
-from mhc_jax.train import config as tcfg
+from mhc_jax import config as cfgs
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -42,7 +42,7 @@ _OWNED_IN = {TB: re.compile(r"events\.out\.tfevents\..*"),
              CHECKPOINTS: re.compile(r"\d+(\.corrupt\d*|\.orbax-checkpoint-tmp.*)?|\.write-probe-.+")}
 
 
-def read_config(run_dir: str) -> tcfg.RunConfig:
+def read_config(run_dir: str) -> cfgs.RunConfig:
   path = os.path.join(run_dir, CONFIG)
   if not os.path.isfile(path):
     raise ConfigError(f"--run-dir {run_dir!r} is not allowed: it holds no {CONFIG} (not a run directory)")
@@ -51,15 +51,15 @@ def read_config(run_dir: str) -> tcfg.RunConfig:
       d = json.load(f)
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path}: unreadable run config ({e})") from None
-  return tcfg.run_config_from_dict(d)
+  return cfgs.run_config_from_dict(d)
 
 
-def write_config(run_dir: str, cfg: tcfg.RunConfig):
+def write_config(run_dir: str, cfg: cfgs.RunConfig):
   """Atomic write (temp file + rename); a failed write leaves no temp file behind."""
   path = os.path.join(run_dir, CONFIG)
   try:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(tcfg.to_json(cfg) + "\n")
+      f.write(cfgs.to_json(cfg) + "\n")
     os.replace(path + ".tmp", path)
   except OSError:
     if os.path.exists(path + ".tmp"):
@@ -77,7 +77,7 @@ def _entries(run_dir: str) -> list[str]:
   return [n for n in os.listdir(run_dir) if n != LOCK] if os.path.isdir(run_dir) else []
 
 
-def check_run_dir(run_dir: str, cfg: tcfg.RunConfig, *, resume: bool, force: bool) -> str:
+def check_run_dir(run_dir: str, cfg: cfgs.RunConfig, *, resume: bool, force: bool) -> str:
   """Decide what to do with `run_dir` without touching it: "fresh", "resume" or "force".
 
   Raises ConfigError (one line) when the directory may not be used as asked.
@@ -102,7 +102,7 @@ def check_run_dir(run_dir: str, cfg: tcfg.RunConfig, *, resume: bool, force: boo
     _check_force(run_dir)
     return "force"
   old = read_config(run_dir)
-  changed = tcfg.diff(old, cfg)
+  changed = cfgs.diff(old, cfg)
   if resume:
     fixed = [k for k in changed if not k.startswith(RESUMABLE_SECTIONS)]
     if fixed:

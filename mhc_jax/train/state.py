@@ -21,9 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from mhc_jax import kernels
 from mhc_jax import sharding as shd
-from mhc_jax.config import compute_dtype, fail
+from mhc_jax.config import RunConfig, compute_dtype, fail
 from mhc_jax.model import LM
-from mhc_jax.train.config import RunConfig
 from mhc_jax.train.optimizer import make_optimizer
 
 

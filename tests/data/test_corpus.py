@@ -1,6 +1,6 @@
 """Corpus listing: directory, glob, single file; sorted; hidden, empty and binary files skipped."""
 from mhc_jax.data import corpus
-from mhc_jax.data.config import DataConfig
+from mhc_jax.config import DataConfig
 from tests.data.helpers import write_corpus
 
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mhc_jax.data import corpus, text_builder
-from mhc_jax.data.config import DataConfig
+from mhc_jax.config import DataConfig
 from tests.data.helpers import write_corpus
 
 

@@ -107,7 +107,7 @@ def test_h100_oversized_block_fails_with_shared_memory_error():
 
 def _tiny_cfg(strategy, shape, implementation, d_model=32):
   from mhc_jax.configs import get_preset
-  from mhc_jax.sharding import MeshConfig
+  from mhc_jax.config import MeshConfig
   base = get_preset("tiny")
   conn = dataclasses.replace(base.model.connection, implementation=implementation)
   model = dataclasses.replace(base.model, connection=conn, d_model=d_model, dtype="bfloat16")

@@ -143,7 +143,7 @@ def test_decode_needs_a_cache():
 @pytest.mark.slow
 def test_jit_train_step_with_nnx_optimizer_matches_optax_on_linen_params():
   import optax
-  from mhc_jax.train.config import TrainConfig
+  from mhc_jax.config import TrainConfig
   from mhc_jax.train.optimizer import make_optimizer
   from mhc_jax.train.step import token_losses
   cfg = _cfg("mhc", 2)

@@ -9,8 +9,7 @@ from jax.sharding import NamedSharding
 
 from mhc_jax import nnx as mnnx
 from mhc_jax import sharding as msh
-from mhc_jax.config import ConnectionConfig, ModelConfig
-from mhc_jax.train.config import TrainConfig
+from mhc_jax.config import ConnectionConfig, ModelConfig, TrainConfig
 from mhc_jax.train.optimizer import make_optimizer
 from mhc_jax.train.step import token_losses
 

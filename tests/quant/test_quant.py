@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from mhc_jax import cli
-from mhc_jax.config import ConfigError
+from mhc_jax.config import ConfigError, apply_overrides
 from mhc_jax.configs import tiny
 from mhc_jax.model import LM
 from mhc_jax.quant import (QuantSpec, load_quantized, quantize_params, quantize_run,
                            quantized_generate, quantized_lm, save_quantized)
 from mhc_jax.quant.core import WithAux
-from mhc_jax.train.config import apply_overrides
 from mhc_jax.train.loop import train
 from tests.train.helpers import tiny_config, write_corpus
 

@@ -16,18 +16,17 @@ pid, nproc = int(pid), int(nproc)
 
 import jax  # noqa: E402
 
-from mhc_jax import sharding as shd  # noqa: E402
+from mhc_jax import distributed  # noqa: E402
 
 if nproc > 1:
-  assert shd.maybe_initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
+  assert distributed.maybe_initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
 assert jax.process_count() == nproc and jax.process_index() == pid
 
 import numpy as np  # noqa: E402
 
 from mhc_jax.checkpoint import Checkpointer  # noqa: E402
-from mhc_jax.config import ConnectionConfig, ModelConfig  # noqa: E402
-from mhc_jax.data.config import DataConfig  # noqa: E402
-from mhc_jax.train.config import RunConfig, TrainConfig  # noqa: E402
+from mhc_jax.config import (ConnectionConfig, DataConfig, MeshConfig, ModelConfig,  # noqa: E402
+                            RunConfig, TrainConfig)
 from mhc_jax.train.state import abstract_target, create_state, make_setup  # noqa: E402
 from mhc_jax.train.step import make_train_step  # noqa: E402
 
@@ -36,7 +35,7 @@ B, T = 8, 16
 
 def mesh_cfg(spec):
   name, _, shape = spec.partition(":")
-  return shd.MeshConfig(name, tuple(int(s) for s in shape.split(",")) if shape else None)
+  return MeshConfig(name, tuple(int(s) for s in shape.split(",")) if shape else None)
 
 
 def run_cfg(spec):
@@ -50,9 +49,9 @@ def run_cfg(spec):
 def batch_for(step, setup):
   del step   # one fixed batch: the loss must fall (memorisation), whatever the layout
   seq = np.random.default_rng(100).integers(0, 256, (B, T + 1), dtype=np.int32)
-  rows = shd.process_batch_slice(B)
-  return {"inputs": shd.global_batch_array(seq[rows, :-1], setup.mesh, setup.mesh_cfg),
-          "targets": shd.global_batch_array(seq[rows, 1:], setup.mesh, setup.mesh_cfg)}
+  rows = distributed.process_batch_slice(B)
+  return {"inputs": distributed.global_batch_array(seq[rows, :-1], setup.mesh, setup.mesh_cfg),
+          "targets": distributed.global_batch_array(seq[rows, 1:], setup.mesh, setup.mesh_cfg)}
 
 
 def stepper(cfg, setup):
@@ -92,7 +91,7 @@ for s in range(4, 6):
   losses.append(float(metrics["loss"]))
 ckpt.close()
 
-if shd.is_main_process():
+if distributed.is_main_process():
   with open(os.path.join(workdir, "losses.json"), "w") as f:
     json.dump({"losses": losses, "processes": jax.process_count(), "devices": jax.device_count(),
                "mesh_a": dict(setup.mesh.shape), "mesh_b": dict(setup_b.mesh.shape)}, f)

@@ -9,12 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from mhc_jax.config import (STRATEGIES, STREAM_SHARDINGS, ConnectionConfig, DataConfig, MeshConfig,
+                            ModelConfig, RunConfig)
 from mhc_jax import sharding as S
-from mhc_jax.config import ConnectionConfig, ModelConfig
-from mhc_jax.data.config import DataConfig
 from mhc_jax.model import LM
 from mhc_jax.sharding_compare import collective_stats
-from mhc_jax.train.config import RunConfig
 from mhc_jax.train.step import loss_fn
 
 pytestmark = pytest.mark.slow
@@ -25,7 +24,7 @@ MODEL = ModelConfig(vocab_size=256, d_model=C, n_layers=1, n_heads=4, d_ff=64, m
                                                                  sinkhorn_iters=3))
 SHAPES = {"dp": (4, 1, 2), "fsdp": (1, 4, 2), "tp": (2, 1, 4), "fsdp_tp": (1, 4, 2),
           "hsdp": (2, 2, 2)}
-CASES = [(s, st) for s in S.STRATEGIES for st in S.STREAM_SHARDINGS]
+CASES = [(s, st) for s in STRATEGIES for st in STREAM_SHARDINGS]
 
 
 def _cfg(impl):
@@ -68,7 +67,7 @@ def _run(impl, mesh_cfg):
 
 @pytest.mark.parametrize("strategy, stream", CASES)
 def test_kernels_in_sharded_step_equal_xla_without_extra_collectives(strategy, stream):
-  mesh_cfg = S.MeshConfig(strategy, SHAPES[strategy], stream)
+  mesh_cfg = MeshConfig(strategy, SHAPES[strategy], stream)
   loss_x, grads_x, coll_x = _run("xla", mesh_cfg)
   loss_k, grads_k, coll_k = _run("interpret", mesh_cfg)
   np.testing.assert_allclose(loss_k, loss_x, rtol=1e-5)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from mhc_jax.config import ConfigError
+from mhc_jax.config import (LOGICAL_AXES, MESH_AXES, STRATEGIES, STREAM_SHARDINGS, ConfigError,
+                            MeshConfig)
+from mhc_jax import distributed
 from mhc_jax import sharding as S
 
 
@@ -18,14 +20,14 @@ from mhc_jax import sharding as S
 ])
 def test_bad_config_names_the_field(kwargs, field):
   with pytest.raises(ConfigError, match=field):
-    S.MeshConfig(**kwargs)
+    MeshConfig(**kwargs)
 
 
 def test_shape_must_match_devices():
   with pytest.raises(ConfigError, match=r"mesh.shape=\(2, 2, 1\).*8 devices"):
-    S.make_mesh(S.MeshConfig("dp", (2, 2, 1)))
+    S.make_mesh(MeshConfig("dp", (2, 2, 1)))
   with pytest.raises(ConfigError, match="does not divide 8 devices"):
-    S.make_mesh(S.MeshConfig("dp", (3, -1, 1)))
+    S.make_mesh(MeshConfig("dp", (3, -1, 1)))
 
 
 @pytest.mark.parametrize("strategy, shape, want", [
@@ -34,20 +36,20 @@ def test_shape_must_match_devices():
     ("fsdp_tp", [1, -1, 4], (1, 2, 4)),
 ])
 def test_make_mesh_shapes_and_auto_axes(strategy, shape, want):
-  mesh = S.make_mesh(S.MeshConfig(strategy, shape))
-  assert mesh.axis_names == S.MESH_AXES
-  assert tuple(mesh.shape[a] for a in S.MESH_AXES) == want
+  mesh = S.make_mesh(MeshConfig(strategy, shape))
+  assert mesh.axis_names == MESH_AXES
+  assert tuple(mesh.shape[a] for a in MESH_AXES) == want
   assert mesh.axis_types == (AxisType.Auto,) * 3
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
 def test_make_mesh_on_a_device_subset():
-  mesh = S.make_mesh(S.MeshConfig("dp"), jax.devices()[:2])
+  mesh = S.make_mesh(MeshConfig("dp"), jax.devices()[:2])
   assert mesh.shape["data"] == 2
 
 
 def spec(names, strategy, stream="replicated"):
-  return S.logical_spec(names, S.MeshConfig(strategy, stream_sharding=stream))
+  return S.logical_spec(names, MeshConfig(strategy, stream_sharding=stream))
 
 
 BATCH = ("data", "fsdp")
@@ -64,7 +66,7 @@ def test_rules_per_strategy():
   assert spec(emb, "tp") == P("tensor", None)
   assert spec(w_in, "fsdp_tp") == P(BATCH, "tensor")
   assert spec(w_in, "hsdp") == P("fsdp", None)
-  for strategy in S.STRATEGIES:
+  for strategy in STRATEGIES:
     assert spec(("layers", "mhc"), strategy) == P(None, None)
     assert spec(("batch", "length", "streams", "embed"), strategy)[2] is None
 
@@ -81,22 +83,22 @@ def test_stream_sharding_rules():
 
 
 def test_rules_cover_every_logical_axis_once_as_fallback():
-  for strategy in S.STRATEGIES:
-    for stream in S.STREAM_SHARDINGS:
-      rules = S.logical_rules(S.MeshConfig(strategy, stream_sharding=stream))
+  for strategy in STRATEGIES:
+    for stream in STREAM_SHARDINGS:
+      rules = S.logical_rules(MeshConfig(strategy, stream_sharding=stream))
       names = {name for name, _ in rules}
-      assert set(S.LOGICAL_AXES) <= names
+      assert set(LOGICAL_AXES) <= names
       for _, axes in rules:
         for a in (axes if isinstance(axes, tuple) else (axes,)):
-          assert a is None or a in S.MESH_AXES
+          assert a is None or a in MESH_AXES
 
 
 def test_batch_sharding_splits_rows_over_data_and_fsdp():
-  cfg = S.MeshConfig("fsdp_tp", (2, 2, 2))
+  cfg = MeshConfig("fsdp_tp", (2, 2, 2))
   mesh = S.make_mesh(cfg)
   sharding = S.batch_sharding(mesh, cfg)
   tokens = np.arange(8 * 6).reshape(8, 6)
-  arr = S.global_batch_array(tokens, mesh, cfg)
+  arr = distributed.global_batch_array(tokens, mesh, cfg)
   np.testing.assert_array_equal(np.asarray(arr), tokens)
   assert arr.sharding == sharding
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 6)}
@@ -106,12 +108,12 @@ def test_distributed_requested_from_environment(monkeypatch):
   for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
               "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(var, raising=False)
-  assert not S.distributed_requested()
-  assert S.distributed_requested("127.0.0.1:1234")
+  assert not distributed.distributed_requested()
+  assert distributed.distributed_requested("127.0.0.1:1234")
   monkeypatch.setenv("SLURM_NTASKS", "1")
-  assert not S.distributed_requested()
+  assert not distributed.distributed_requested()
   monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert S.distributed_requested()
+  assert distributed.distributed_requested()
   monkeypatch.delenv("SLURM_NTASKS")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
-  assert S.distributed_requested()
+  assert distributed.distributed_requested()

@@ -12,9 +12,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhc_jax import sharding as S
-from mhc_jax.config import ConnectionConfig, ModelConfig
+from mhc_jax.config import (MESH_AXES, ConnectionConfig, DataConfig, MeshConfig, ModelConfig,
+                            RunConfig)
 from mhc_jax.model import LM
-from mhc_jax.train.config import RunConfig
 from mhc_jax.train.step import loss_fn
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.slow
 MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=8, d_ff=64, max_seq_len=16,
                     dtype="float32", connection=ConnectionConfig(kind="mhc", n_streams=4,
                                                                  sinkhorn_iters=4))
-from mhc_jax.data.config import DataConfig  # noqa: E402
 CFG = RunConfig(model=MODEL, data=DataConfig(seq_len=16, batch_size=8))
 B, T = 8, 16
 
@@ -74,7 +73,7 @@ CASES = [("dp", None, "replicated"), ("fsdp", None, "replicated"), ("tp", None, 
 
 @pytest.mark.parametrize("strategy, shape, stream", CASES)
 def test_strategy_matches_single_device(strategy, shape, stream, reference):
-  cfg = S.MeshConfig(strategy, shape, stream)
+  cfg = MeshConfig(strategy, shape, stream)
   mesh, p_sh, compiled = _compiled(cfg)
   params = jax.device_put(PARAMS, p_sh)
   b_sh = S.batch_sharding(mesh, cfg)
@@ -89,7 +88,7 @@ def test_strategy_matches_single_device(strategy, shape, stream, reference):
                                err_msg=jax.tree_util.keystr(path))
   # the layout really is the strategy's: params are split where the rules say
   q = params["blocks"]["attn"]["query"]["kernel"]        # [L, embed, heads, kv]
-  d, f, t = (mesh.shape[a] for a in S.MESH_AXES)
+  d, f, t = (mesh.shape[a] for a in MESH_AXES)
   want = {"dp": 1, "fsdp": d * f, "tp": t, "fsdp_tp": d * f * t, "hsdp": f}[strategy]
   assert q.addressable_shards[0].data.size * want == q.size
 
@@ -100,7 +99,7 @@ def test_stream_sharding_constrains_the_residual_streams():
           "feature": '[{"data", "fsdp"}, {}, {}, {"tensor"}]',
           "sequence": '[{"data", "fsdp"}, {"tensor"}, {}, {}]'}
   for stream, spec in want.items():
-    cfg = S.MeshConfig("tp", (2, 1, 4), stream)
+    cfg = MeshConfig("tp", (2, 1, 4), stream)
     mesh = S.make_mesh(cfg)
     p_sh = S.param_shardings(BOXED, mesh, cfg)
     b_sh = S.batch_sharding(mesh, cfg)
@@ -115,7 +114,7 @@ def test_stream_sharding_constrains_the_residual_streams():
 def test_argument_bytes_order_dp_over_fsdp_and_tp():
   args = {}
   for strategy in ("dp", "fsdp", "tp"):
-    args[strategy] = _compiled(S.MeshConfig(strategy))[2].memory_analysis().argument_size_in_bytes
+    args[strategy] = _compiled(MeshConfig(strategy))[2].memory_analysis().argument_size_in_bytes
   # not 8x: in this tiny model the replicated mHC projections `phi [nC, n^2+2n]` are ~30% of params
   assert args["dp"] > 2 * args["fsdp"], args
   assert args["dp"] > 2 * args["tp"], args

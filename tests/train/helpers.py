@@ -3,7 +3,7 @@ import os
 import random
 
 from mhc_jax.configs import tiny
-from mhc_jax.train.config import apply_overrides
+from mhc_jax.config import apply_overrides
 
 WORDS = ("def", "return", "self", "value", "import", "class", "for", "in", "if", "else", "x", "y",
          "list", "dict", "print", "(", ")", ":", "=", "+", "1", "0", "None", "True")

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from mhc_jax.config import ConfigError
+from mhc_jax.config import (ConfigError, RunConfig, apply_overrides, diff, run_config_from_dict,
+                            to_dict, to_json)
 from mhc_jax.configs import PRESETS, get_preset
-from mhc_jax.train.config import (RunConfig, apply_overrides, diff, run_config_from_dict, to_dict,
-                                  to_json)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -6,10 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from mhc_jax.config import ConnectionConfig
+from mhc_jax.config import ConnectionConfig, TrainConfig
 from mhc_jax.configs import tiny
 from mhc_jax.model import LM
-from mhc_jax.train.config import TrainConfig
 from mhc_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
 
 

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mhc_jax.configs import tiny
-from mhc_jax.train.config import apply_overrides
+from mhc_jax.config import apply_overrides
 from mhc_jax.train.state import create_state, make_setup
 from mhc_jax.train.step import make_train_step
 

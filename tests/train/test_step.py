@@ -7,7 +7,7 @@ import pytest
 
 from mhc_jax.configs import tiny
 from mhc_jax.model import LM, collect_mappings
-from mhc_jax.train.config import apply_overrides
+from mhc_jax.config import apply_overrides
 from mhc_jax.train.state import create_state, make_setup
 from mhc_jax.train.step import (layer_sq_norms, make_diagnostics, make_train_step, token_losses)
 

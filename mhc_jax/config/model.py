@@ -1,36 +1,13 @@
-"""Frozen, validated configs. A bad value raises `ConfigError` naming field, value and what is allowed.
-
-Model side: `ConnectionConfig` (which residual connection wraps each sublayer) and `ModelConfig`.
-"""
+"""Model side: `ConnectionConfig` (the residual connection around each sublayer) and `ModelConfig`."""
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
+import jax
+import jax.numpy as jnp
 
-class ConfigError(ValueError):
-  """A user-facing configuration mistake: one line, no traceback needed."""
-
-
-def fail(field: str, value: Any, allowed: str):
-  raise ConfigError(f"{field}={value!r} is not allowed: {allowed}")
-
-
-def check_choice(field: str, value: Any, choices):
-  if value not in choices:
-    fail(field, value, "choose one of " + ", ".join(repr(c) for c in choices))
-
-
-def check_int(field: str, value: Any, minimum: int):
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    fail(field, value, f"an integer >= {minimum}")
-
-
-def check_float(field: str, value: Any, minimum: float = 0.0, strict: bool = False):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-  if not ok or value < minimum or (strict and value == minimum):
-    fail(field, value, f"a finite number {'>' if strict else '>='} {minimum}")
+from mhc_jax.config.checks import check_choice, check_float, check_int, fail
 
 
 KINDS = ("residual", "hc", "mhc", "mhc_lite")
@@ -177,9 +154,17 @@ class ModelConfig:
     return 2 * self.n_layers
 
 
+def with_connection(model: ModelConfig, kind: str, n_streams: int, **connection) -> ModelConfig:
+  """`model` with a `kind` connection of `n_streams` streams; `residual` means one stream and the
+  plain sum collapse (the rule every sweep over connection kinds needs)."""
+  residual = kind == "residual"
+  conn = dataclasses.replace(model.connection, kind=kind, n_streams=1 if residual else n_streams,
+                             **connection)
+  return dataclasses.replace(model, connection=conn, collapse="sum" if residual else model.collapse)
+
+
 def compute_dtype(name: str):
-  import jax
-  import jax.numpy as jnp
+  """`model.dtype` as a jnp dtype: "auto" is float32 on CPU and bfloat16 on GPU/TPU."""
   if name == "auto":
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]

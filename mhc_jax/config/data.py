@@ -1,6 +1,6 @@
 """`DataConfig`: where text comes from, how it is tokenized, packed and batched.
 
-Validated in `__post_init__`; a bad value raises `mhc_jax.config.ConfigError` naming field, value
+Validated in `__post_init__`; a bad value raises `ConfigError` naming field, value
 and what is allowed. Checks that need the file system (missing directory, empty corpus, dataset not
 prepared, sequence longer than the data) happen when the data is opened.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mhc_jax.config import check_choice, check_float, check_int, fail
+from mhc_jax.config.checks import check_choice, check_float, check_int, check_seed, fail
 
 SOURCES = ("stdlib", "files", "tfds")
 DATA_DIR_ENV = "MHC_JAX_DATA_DIR"
@@ -57,9 +57,7 @@ class DataConfig:
       fail("data.tokenizer", self.tokenizer, "'byte' or a path to a SentencePiece .model file")
     check_int("data.seq_len", self.seq_len, 1)
     check_int("data.batch_size", self.batch_size, 1)
-    check_int("data.seed", self.seed, 0)
-    if self.seed >= 2**32:
-      fail("data.seed", self.seed, "an integer in [0, 2**32)")
+    check_seed("data.seed", self.seed)
     check_float("data.val_fraction", self.val_fraction)
     if self.val_fraction >= 1 or (self.source != "tfds" and self.val_fraction == 0):
       fail("data.val_fraction", self.val_fraction,
