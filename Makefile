@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-EXTRAS ?= dev,notebooks,tpu-aot,gpu-aot
+EXTRAS ?= dev,notebooks,tpu-aot,gpu-aot,docs
 # bench-gpu runs on a GPU machine with JAX (and its CUDA plugin) already installed: no venv, no pip.
 PYTHON3 ?= python3
 export PYTHONHASHSEED ?= 0
