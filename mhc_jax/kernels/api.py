@@ -80,7 +80,7 @@ def resolve(implementation: str, x, kind: str = "mhc", field: str = "implementat
     # TPU compiles any C, but stream slices are lane-aligned (fast) only for C % 128 == 0.
     slow = backend == "tpu" and x.shape[-2] > 1 and x.shape[-1] % 128
     # GPU: the Triton pre kernel spills registers on sm_90a and its phi block outgrows shared
-    # memory from C = 2048 (deviceless H100 compiles, README "GPU machine code"), so `auto` keeps
+    # memory from C = 2048 (deviceless H100 compiles, docs/results/kernels.md), so `auto` keeps
     # XLA on GPU until that kernel is restructured; `pallas` still selects it.
     return "xla" if (why or slow or backend == "gpu") else backend
   if why:

@@ -16,7 +16,7 @@ registers, shared memory, local memory (spills; also `ptxas` stack frame). Grid 
 XLA's `*.thunk_sequence.txt` dump. Bytes accessed: XLA's CPU cost model run over the optimized GPU
 module (`cost_analysis()` returns None on this path): a private API, guarded.
 
-Limits (README): no autotuning without a device, so XLA's own GEMM fusions get an untuned tile; the
+Limits: no autotuning without a device, so XLA's own GEMM fusions get an untuned tile; the
 Pallas (Triton) kernels use the launch parameters we set, so their resource figures are the real ones.
 """
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_h100_post_kernels_compile_without_spills(tmp_path):
 def test_h100_pre_kernels_compile(tmp_path):
   """pre forward + backward (value-and-grad runs both kernels; 3 Sinkhorn iterations keep the
   compile short): real cubins within the shared-memory limit. The pre kernels still spill registers
-  on sm_90a (the feature chunks are unrolled, so Triton keeps several chunks' tiles live; README,
+  on sm_90a (the feature chunks are unrolled, so Triton keeps several chunks' tiles live; docs/results/kernels.md,
   experiments/results/h100_aot_pre_kernels_20261203.json): reported as an expected failure until
   the kernel body loops over chunks, then this test passes."""
   from mhc_jax.tools import h100
