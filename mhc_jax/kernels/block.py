@@ -204,16 +204,9 @@ def mapping(spec: MapSpec, z, vecs, mat0, mat1):
   rows = [row(vecs, 16 + i) > 0 for i in range(n)]
   eps = spec.sinkhorn_eps
   if eps == 0:
-    def lse(f, g, groups):
-      mx = _group_max(f, groups)
-      total = _dot(jnp.where(res_in, jnp.exp(f - mx), 0.0), g)
-      return jnp.where(res_in, jnp.log(jnp.where(res_in, total, 1.0)) + mx, 0.0)
-
     f = jnp.where(res_in, z, 0.0)
-    for _ in range(spec.sinkhorn_iters):
-      f = f - lse(f, g_col, cols)                                    # T_c
-      f = f - lse(f, g_row, rows)                                    # T_r (rows exact)
-    return h + jnp.where(res_in, jnp.exp(f), 0.0)
+    fs = _log_sinkhorn_iterates(n, spec.sinkhorn_iters, f, vecs, g_col, g_row)
+    return h + jnp.where(res_in, jnp.exp(fs[-1] if fs else f), 0.0)
 
   def norm(m, g):       # m / (group sum + eps) on the n x n lanes; other lanes stay 0
     return m / jnp.where(res_in, _dot(m, g) + eps, 1.0)
@@ -224,3 +217,79 @@ def mapping(spec: MapSpec, z, vecs, mat0, mat1):
   for _ in range(spec.sinkhorn_iters - 1):
     m = norm(norm(m, g_col), g_row)                                   # T_c, then T_r (rows exact)
   return h + m
+
+
+def _log_sinkhorn_iterates(n, iters, f, vecs, g_col, g_row):
+  """The log-domain iterates `[f_1, ..., f_2iters]` (T_c, T_r alternating) of `f_0 = f`."""
+  res_in = row(vecs, 2) > 0
+  cols = [row(vecs, 8 + j) > 0 for j in range(n)]
+  rows = [row(vecs, 16 + i) > 0 for i in range(n)]
+
+  def lse(f, g, groups):
+    mx = _group_max(f, groups)
+    total = _dot(jnp.where(res_in, jnp.exp(f - mx), 0.0), g)
+    return jnp.where(res_in, jnp.log(jnp.where(res_in, total, 1.0)) + mx, 0.0)
+
+  out = []
+  for _ in range(iters):
+    f = f - lse(f, g_col, cols)                                      # T_c
+    out.append(f)
+    f = f - lse(f, g_row, rows)                                      # T_r (rows exact)
+    out.append(f)
+  return out
+
+
+def mapping_vjp(spec: MapSpec, z, vecs, mat0, mat1):
+  """`(H, vjp)` of `mapping` at z, `vjp(dH) -> dz`; equal to `jax.vjp(mapping, z)`.
+
+  mHC with eps = 0: the Sinkhorn adjoint is written out, keeping one tile per half step (autodiff
+  keeps the shifted exponentials and group sums of every logsumexp, about twice as many; in the
+  GPU backward kernel they live in registers). A half step is `f' = f - lse_g(f)` with
+  `d lse_g(f)_a / d f_b = [b in g(a)] exp(f'_b)`, so `df = df' - exp(f') * G(df')`, `G` the
+  group-sum matrix of that step. (No `jax.custom_vjp`: Triton cannot lower it.)
+  """
+  if spec.kind != "mhc" or spec.sinkhorn_eps != 0 or spec.sinkhorn_iters == 0:
+    return jax.vjp(lambda z_: mapping(spec, z_, vecs, mat0, mat1), z)
+  res_in = row(vecs, 2) > 0
+
+  def gates(z_):
+    pre, post = row(vecs, 0) > 0, row(vecs, 1) > 0
+    s = sigmoid(z_)
+    return jnp.where(pre, s + spec.pre_eps, 0.0) + jnp.where(post, 2.0 * s, 0.0)
+
+  h, gates_vjp = jax.vjp(gates, z)
+  fs = _log_sinkhorn_iterates(spec.n, spec.sinkhorn_iters, jnp.where(res_in, z, 0.0), vecs,
+                              mat1, mat0)
+  fs = [jax.lax.stop_gradient(f) for f in fs]
+  h = h + jnp.where(res_in, jnp.exp(fs[-1]), 0.0)
+
+  def vjp(dh):
+    (dz,) = gates_vjp(dh)
+    d = None
+    for k in range(len(fs) - 1, -1, -1):
+      p = jnp.where(res_in, jnp.exp(fs[k]), 0.0)
+      d = dh * p if d is None else d                                  # through H = exp(f_last)
+      d = d - p * _dot(d, mat0 if k % 2 else mat1)                    # f_k = f_k-1 - lse_g(f_k-1)
+    return (dz + jnp.where(res_in, d, 0.0),)
+
+  return h, vjp
+
+
+def _log_sinkhorn_iterates(n, iters, f, vecs, g_col, g_row):
+  """The log-domain iterates `[f_1, ..., f_2iters]` (T_c, T_r alternating) of `f_0 = f`."""
+  res_in = row(vecs, 2) > 0
+  cols = [row(vecs, 8 + j) > 0 for j in range(n)]
+  rows = [row(vecs, 16 + i) > 0 for i in range(n)]
+
+  def lse(f, g, groups):
+    mx = _group_max(f, groups)
+    total = _dot(jnp.where(res_in, jnp.exp(f - mx), 0.0), g)
+    return jnp.where(res_in, jnp.log(jnp.where(res_in, total, 1.0)) + mx, 0.0)
+
+  out = []
+  for _ in range(iters):
+    f = f - lse(f, g_col, cols)                                      # T_c
+    out.append(f)
+    f = f - lse(f, g_row, rows)                                      # T_r (rows exact)
+    out.append(f)
+  return out

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mhc_jax.kernels import block, launch
-from mhc_jax.kernels.block import col, mapping, project, row
+from mhc_jax.kernels.block import col, mapping, mapping_vjp, project, row
 
 
 def _xload(cfg, ref, j, o, s):
@@ -93,7 +93,8 @@ def _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_re
   z = hh * a_row + b_row
   vecs, m0, m1 = vec_ref[...], m0_ref[...], m1_ref[...]
   return dict(ch=ch, proj=proj, r=r, hh=hh, z=z, a_row=a_row,
-              fn=lambda z_: mapping(spec, z_, vecs, m0, m1))
+              fn=lambda z_: mapping(spec, z_, vecs, m0, m1),
+              vjp=lambda z_: mapping_vjp(spec, z_, vecs, m0, m1))
 
 
 def _fwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
@@ -151,7 +152,7 @@ def _dpre_loop(cfg, s, x_ref, du_ref):
 def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
   *stat_refs, du_ref, dh_ref, dx_ref, dz_ref, hh_ref, dproj_ref = rest
   f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_refs or None)
-  h, vjp = jax.vjp(f["fn"], f["z"])
+  h, vjp = f["vjp"](f["z"])
   ch = f["ch"]
   s = loop_chunk(cfg)
   lanes = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
