@@ -404,7 +404,7 @@ def custom_call_bytes(hlo: str) -> dict:
   """`{"count", "bytes"}` of the Triton custom calls (Pallas kernels) in optimized HLO: operands +
   results, each read or written once. XLA's cost model does not see inside them (it reports -1 for
   a custom call), so this is added to its bytes accessed. Calls inside a while body count once."""
-  from mhc_jax.sharding_compare import _array_bytes
+  from mhc_jax.tools.hlo import array_bytes as _array_bytes
   count = total = 0
   for line in hlo.splitlines():
     m = _CC_RE.search(line)
@@ -458,7 +458,7 @@ def report(program: Program, *, with_kernels: bool = True, collectives: bool = T
          "while_trip_counts": loop_trip_counts(hlo),
          "triton_custom_calls": hlo.count('custom_call_target="__gpu$xla.gpu.triton"')}
   if collectives:
-    from mhc_jax.sharding_compare import collective_stats
+    from mhc_jax.tools.hlo import collective_stats
     out["collectives"] = collective_stats(hlo)
   if with_kernels:
     ks = kernels(compiled, program.dump_dir)
