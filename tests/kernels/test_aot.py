@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mhc_jax.kernels import aot, block, launch
+from mhc_jax.kernels import block, launch
+from mhc_jax.tools import kernel_aot as aot
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 

@@ -1,7 +1,7 @@
 """The kernel benchmark runs on CPU (XLA path only) and saves its JSON: it cannot rot."""
 import json
 
-from mhc_jax.kernels import bench
+from mhc_jax.tools import bench_kernels as bench
 
 
 def test_bench_runs_on_cpu_and_saves_json(tmp_path):
