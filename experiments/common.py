@@ -1,13 +1,14 @@
-"""Shared experiment plumbing: run metadata (device, jax version, date) and saving JSON + PNG."""
+"""Shared experiment plumbing: where results go, the smoke switch; metadata, JSON and figures are
+`mhc_jax.tools.results`."""
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import pathlib
-import platform
+
+from mhc_jax.tools.results import metadata, new_figure, save_figure, save_json  # noqa: F401
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+SCRATCH = RESULTS_DIR / "_scratch" / "runs"      # run directories of the training experiments
 
 
 def smoke_from_env(flag: bool = False) -> bool:
@@ -15,43 +16,7 @@ def smoke_from_env(flag: bool = False) -> bool:
   return bool(flag) or os.environ.get("MHC_SMOKE", "") not in ("", "0")
 
 
-def metadata() -> dict:
-  """Where and when a result was produced."""
-  import jax
-  dev = jax.devices()[0]
-  return {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "backend": jax.default_backend(),
-      "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-      "device_count": jax.device_count(),
-      "cpu": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-  }
-
-
 def out_dir(path: str | os.PathLike | None) -> pathlib.Path:
   d = pathlib.Path(path) if path else RESULTS_DIR
   d.mkdir(parents=True, exist_ok=True)
   return d
-
-
-def save_json(obj: dict, path: pathlib.Path) -> pathlib.Path:
-  path.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n")
-  return path
-
-
-def new_figure(*args, **kwargs):
-  """`plt.subplots(...)`; matplotlib picks Agg by itself when there is no display."""
-  import matplotlib.pyplot as plt
-  return plt.subplots(*args, **kwargs)
-
-
-def save_figure(fig, path: pathlib.Path, close: bool = True) -> pathlib.Path:
-  import matplotlib.pyplot as plt
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  if close:
-    plt.close(fig)
-  return path

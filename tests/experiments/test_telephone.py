@@ -2,6 +2,7 @@
 import json
 
 from experiments import telephone
+from mhc_jax.tools.telephone import configs
 
 
 def test_telephone_smoke(tmp_path):
@@ -11,7 +12,7 @@ def test_telephone_smoke(tmp_path):
   for key in ("jax_version", "device", "date_utc"):
     assert data[key]
   s = data["series"]
-  assert len(s) == len(telephone.configs())
+  assert len(s) == len(configs())
   # Unconstrained HC compounds; doubly stochastic families stay at gain 1 (log10 0).
   assert s["hc sigma=0.2"]["forward"]["log10_mean"][-1] > 0.3
   assert abs(s["sinkhorn t=20 s=1"]["forward"]["log10_max"][-1]) < 1e-4
