@@ -6,9 +6,9 @@
     mhc-jax sample --run-dir D [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
     mhc-jax plot RUN_DIR [RUN_DIR ...] [--out plot.png]
     mhc-jax show-config [--preset P] [--set ...]
-    mhc-jax bench kernels ...          (mhc_jax.kernels.bench)
-    mhc-jax bench step ...             (mhc_jax.bench_step: train-step time/memory/MFU per connection)
-    mhc-jax compare-sharding ...       (mhc_jax.sharding_compare)
+    mhc-jax bench kernels ...          (mhc_jax.tools.bench_kernels)
+    mhc-jax bench step ...             (mhc_jax.tools.bench_step: train-step time/memory/MFU per connection)
+    mhc-jax compare-sharding ...       (mhc_jax.tools.compare_sharding)
 
 Exit status: see EXIT_STATUS below (also printed by `mhc-jax --help`).
 """
@@ -193,8 +193,10 @@ def cmd_train(args) -> int:
     run_dir = os.path.join("runs", f"{args.preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}")
   _check_backend()
   try:
-    train(cfg, run_dir, resume=args.resume, force=args.force,
-          allow_data_change=args.allow_data_change, progress=not args.no_progress)
+    result = train(cfg, run_dir, resume=args.resume, force=args.force,
+                   allow_data_change=args.allow_data_change, progress=not args.no_progress)
+    if distributed.is_main_process():
+      finish(result)
   except TrainingDiverged as e:
     print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
     return EXIT_DIVERGED
@@ -207,13 +209,46 @@ def cmd_train(args) -> int:
   return 0
 
 
+def finish(result) -> None:
+  """After a run: sample.txt (`train.sample_*`) and plot.png in the run directory; say where all is."""
+  from mhc_jax.data import make_tokenizer
+  from mhc_jax.sample import sample_text
+  from mhc_jax.tools.plots import plot_runs
+  cfg, run_dir, ev = result.trainer.cfg, result.run_dir, result.eval
+  t, sample, sample_path = cfg.train, None, None
+  if t.sample_tokens:
+    tokenizer = make_tokenizer(cfg.data)
+    n_new = min(t.sample_tokens, cfg.model.max_seq_len - len(tokenizer.encode(t.sample_prompt)))
+    if n_new >= 1:
+      sample = sample_text(cfg.model, result.state.params, tokenizer, t.sample_prompt,
+                           max_new_tokens=n_new, temperature=t.sample_temperature,
+                           top_k=t.sample_top_k, seed=t.seed)
+      sample_path = os.path.join(run_dir, "sample.txt")
+      with open(sample_path, "w", encoding="utf-8") as f:
+        f.write(sample + "\n")
+  plot_path = plot_runs([run_dir], os.path.join(run_dir, "plot.png"))
+  msg = [f"\nfinished step {result.step}: eval loss {ev.get('loss', float('nan')):.4f}"
+         + (f" ({ev['bits_per_byte']:.3f} bits/byte, perplexity {ev['perplexity']:.2f})"
+            if "bits_per_byte" in ev else "")]
+  if sample is not None:
+    msg.append("sample:\n" + "-" * 60 + "\n" + sample + "\n" + "-" * 60)
+  msg.append(f"eval:        {os.path.join(run_dir, 'eval.json')}\n"
+             f"sample:      {sample_path or '(disabled)'}\nplot:        {plot_path}\n"
+             f"metrics:     {os.path.join(run_dir, 'metrics.jsonl')}\n"
+             f"tensorboard: tensorboard --logdir {os.path.join(run_dir, 'tb')}\n"
+             f"checkpoints: {os.path.join(run_dir, 'checkpoints')}")
+  print("\n".join(msg), flush=True)
+
+
 def cmd_eval(args) -> int:
   _distributed()
   import jax
   from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
-  from mhc_jax.train.loop import _jit_steps, _to_device, count_bytes, evaluate, load_checkpoint
+  from mhc_jax.train.loop import load_checkpoint
+  from mhc_jax.train.trainer import count_bytes
   _check_loaded_args(args)
-  cfg, state, step, setup = _load_latest(load_checkpoint, args)
+  trainer = _load_latest(load_checkpoint, args)
+  cfg = trainer.cfg
   n = cfg.train.eval_batches if args.batches is None else args.batches
   if n < 1:
     raise ConfigError(f"--batches={n} is not allowed: an integer >= 1")
@@ -223,11 +258,9 @@ def cmd_eval(args) -> int:
   else:
     it = make_train_iterator(cfg.data, process_index=pi, process_count=pc)
     host = [next(it) for _ in range(n)]
-  _, eval_step, _ = _jit_steps(cfg, setup)
-  with setup.context():
-    res = evaluate(eval_step, state.params, [_to_device(b, setup) for b in host],
-                   count_bytes(make_tokenizer(cfg.data), host))
-  print(json.dumps({"run_dir": args.run_dir, "step": step, "split": args.split, "batches": n, **res}))
+  res = trainer.evaluate(host, count_bytes(make_tokenizer(cfg.data), host))
+  print(json.dumps({"run_dir": args.run_dir, "step": trainer.step_count, "split": args.split,
+                    "batches": n, **res}))
   return 0
 
 
@@ -273,7 +306,8 @@ def cmd_sample(args) -> int:
   from mhc_jax.sample import generate
   from mhc_jax.train.loop import load_checkpoint
   _check_loaded_args(args)
-  cfg, state, step, _ = _load_latest(load_checkpoint, args)
+  trainer = _load_latest(load_checkpoint, args)
+  cfg, state = trainer.cfg, trainer.state
   tok = make_tokenizer(cfg.data)
   import numpy as np
   ids = tok.encode(args.prompt)
@@ -294,7 +328,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_plot(args) -> int:
-  from mhc_jax.plot import check_out, plot_runs
+  from mhc_jax.tools.plots import check_out, plot_runs
   print(plot_runs(args.run_dirs, check_out(args.out)))
   return 0
 
@@ -319,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
   try:
     # Tools with their own argument parsers get every remaining argument (including --help).
     if argv[:1] == ["compare-sharding"]:
-      return _delegate("mhc_jax.sharding_compare", argv[1:], "compare-sharding")
+      return _delegate("mhc_jax.tools.compare_sharding", argv[1:], "compare-sharding")
     if argv[:2] == ["bench", "kernels"]:
-      return _delegate("mhc_jax.kernels.bench", argv[2:], "bench kernels")
+      return _delegate("mhc_jax.tools.bench_kernels", argv[2:], "bench kernels")
     if argv[:2] == ["bench", "step"]:
-      return _delegate("mhc_jax.bench_step", argv[2:], "bench step")
+      return _delegate("mhc_jax.tools.bench_step", argv[2:], "bench step")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
@@ -347,11 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
       return cmd_show_config(args)
     if args.command == "bench" and args.what == "step":
-      return _delegate("mhc_jax.bench_step", args.rest, "bench step")
+      return _delegate("mhc_jax.tools.bench_step", args.rest, "bench step")
     if args.command == "bench":
-      return _delegate("mhc_jax.kernels.bench", args.rest, "bench kernels")
+      return _delegate("mhc_jax.tools.bench_kernels", args.rest, "bench kernels")
     if args.command == "compare-sharding":
-      return _delegate("mhc_jax.sharding_compare", args.rest, "compare-sharding")
+      return _delegate("mhc_jax.tools.compare_sharding", args.rest, "compare-sharding")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT

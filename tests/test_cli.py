@@ -81,8 +81,8 @@ def test_run_dir_with_a_different_config_is_refused(corpus, tmp_path, capsys):
 def test_resume_without_run_dir_and_missing_tool_modules(capsys):
   rc, err = _run_cli(["train", "--resume"], capsys)
   assert rc == 2 and "--resume needs --run-dir" in err[0]
-  for argv, name in ((["bench", "kernels"], "mhc_jax.kernels.bench"),
-                     (["compare-sharding"], "mhc_jax.sharding_compare")):
+  for argv, name in ((["bench", "kernels"], "mhc_jax.tools.bench_kernels"),
+                     (["compare-sharding"], "mhc_jax.tools.compare_sharding")):
     try:
       __import__(name)
     except ModuleNotFoundError:
@@ -135,7 +135,7 @@ def test_sigterm_saves_and_resume_gives_identical_losses(corpus, tmp_path):
   assert len(ckpts) == 1 and 3 <= ckpts[0] < steps
   assert max(_train_losses(run)) <= ckpts[0]
 
-  train(tiny_config(*corpus, *over), run, resume=True, progress=False, final_outputs=False)
+  train(tiny_config(*corpus, *over), run, resume=True, progress=False)
   resumed = _train_losses(run)
   assert sorted(resumed) == list(range(1, steps + 1))
   diffs = [s for s in resumed if resumed[s] != straight[s]]

@@ -29,8 +29,9 @@ def quantize_run(run_dir: str, out: str, spec: QuantSpec, *, step: int | None = 
   from mhc_jax.train.loop import load_checkpoint
   check_out(out)
   check_spec(spec, rd.read_config(run_dir).model)
-  cfg, state, step, _ = load_checkpoint(run_dir, step)
-  params = jax.device_get(state.params)
+  trainer = load_checkpoint(run_dir, step)
+  cfg, step = trainer.cfg, trainer.step_count
+  params = jax.device_get(trainer.state.params)
   qparams = quantize_params(cfg.model, params, spec)
   qk, fk = quantized_kernel_bytes(qparams)
   info = {"source_run_dir": os.path.abspath(run_dir), "step": int(step),

@@ -1,8 +1,11 @@
-"""Training: optimizer, sharded train state, pure steps, the loop, metrics, run directories.
+"""Training: optimizer, sharded train state, pure steps, the `Trainer`, the run loop, metrics, run
+directories.
 
     from mhc_jax.train import train
-    train(cfg, "runs/x")          # cfg: mhc_jax.config.RunConfig, e.g. mhc_jax.configs.get_preset
+    result = train(cfg, "runs/x")       # cfg: mhc_jax.config.RunConfig, e.g. mhc_jax.configs.get_preset
+    result.trainer.evaluate(batches)    # the final state stays in memory: result.state
 """
-from mhc_jax.train.loop import Interrupted, TrainingDiverged, load_checkpoint, train
+from mhc_jax.train.loop import Interrupted, RunResult, TrainingDiverged, load_checkpoint, train
+from mhc_jax.train.trainer import Trainer
 
-__all__ = ["train", "load_checkpoint", "TrainingDiverged", "Interrupted"]
+__all__ = ["train", "Trainer", "RunResult", "load_checkpoint", "TrainingDiverged", "Interrupted"]

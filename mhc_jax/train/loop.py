@@ -1,5 +1,6 @@
-"""The training loop: data -> jitted step (donated, sharded state) -> metrics, eval, diagnostics,
-checkpoints; SIGTERM/SIGINT save and exit; a non-finite loss stops the run without saving that state.
+"""The training loop around a `Trainer`: data -> step -> metrics, eval, diagnostics, checkpoints, in a
+locked run directory; SIGTERM/SIGINT save and exit; a non-finite loss stops the run without saving
+that state. `train()` returns a `RunResult` holding the trainer with the final state.
 
 Metrics of step t are fetched after step t+1 is dispatched (so the host never stalls the device), and
 always before a checkpoint of step t is written: a checkpoint is only ever of a state whose loss was
@@ -7,6 +8,7 @@ finite.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +19,8 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mhc_jax import distributed
 from mhc_jax.checkpoint import Checkpointer, SaveFailed
@@ -26,10 +28,11 @@ from mhc_jax.config import ConfigError, RunConfig, diff, fail, to_dict
 from mhc_jax.train import run_dir as rd
 from mhc_jax.train.metrics import MetricsWriter, truncate_after
 from mhc_jax.train.signals import StopSignals
-from mhc_jax.train.state import (MeshSetup, TrainState, abstract_target, create_state, make_setup,
-                                 n_params)
-from mhc_jax.train.step import (LN2, make_diagnostics, make_eval_step, make_train_step,
-                                summarize_diagnostics)
+from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
+from mhc_jax.data import sources
+from mhc_jax.train.state import n_params
+from mhc_jax.train.step import LN2, summarize_diagnostics
+from mhc_jax.train.trainer import Trainer, count_bytes
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,6 +56,9 @@ class Interrupted(Exception):
     super().__init__(msg)
 
 
+EVAL = "eval.json"
+
+
 def resume_command(run_dir: str) -> str:
   return f"mhc-jax train --run-dir {shlex.quote(run_dir)} --resume"
 
@@ -64,7 +70,6 @@ def _say(msg: str):
 
 def open_data(cfg: RunConfig):
   """Tokenizer, train iterator and eval batches; raises ConfigError for bad data (before any write)."""
-  from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
   tok = make_tokenizer(cfg.data)
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not allowed: the tokenizer has "
@@ -78,40 +83,6 @@ def open_data(cfg: RunConfig):
   it = make_train_iterator(cfg.data, process_index=pi, process_count=pc)
   evals = make_eval_batches(cfg.data, cfg.train.eval_batches, process_index=pi, process_count=pc)
   return tok, it, evals
-
-
-def _to_device(batch: dict, setup: MeshSetup) -> dict:
-  return {k: distributed.global_batch_array(np.asarray(v, np.int32), setup.mesh, setup.mesh_cfg)
-          for k, v in batch.items() if k in ("inputs", "targets")}
-
-
-def _jit_steps(cfg: RunConfig, setup: MeshSetup):
-  batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
-  train_step = jax.jit(make_train_step(cfg), in_shardings=(setup.state_shardings, batch_sh),
-                       out_shardings=(setup.state_shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(cfg), in_shardings=(setup.state_shardings.params, batch_sh))
-  diag = make_diagnostics(cfg)
-  diag = jax.jit(diag, in_shardings=(setup.state_shardings.params, batch_sh)) if diag else None
-  return train_step, eval_step, diag
-
-
-def count_bytes(tokenizer, host_batches: list[dict]) -> int:
-  """Text bytes the eval targets stand for (separators excluded): the bits-per-byte denominator."""
-  return int(sum(tokenizer.num_bytes(np.asarray(b["targets"])) for b in host_batches))
-
-
-def evaluate(eval_step, params, batches: list[dict], n_bytes: int | None = None) -> dict:
-  """Mean loss per token over `batches`; bits per byte = total nats / (ln 2 * n_bytes)."""
-  tot, n = 0.0, 0.0
-  for b in batches:
-    out = eval_step(params, b)
-    tot += float(out["loss_sum"])
-    n += float(out["tokens"])
-  loss = tot / max(n, 1.0)
-  res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n}
-  if n_bytes:
-    res["bits_per_byte"] = tot / LN2 / (n_bytes * jax.process_count())
-  return res
 
 
 def _meta(cfg: RunConfig) -> dict:
@@ -163,12 +134,27 @@ def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
+@dataclasses.dataclass
+class RunResult:
+  """What `train` returns: the run directory, the last step and eval, and the trainer holding the
+  final state (`result.state`), ready for `evaluate`, diagnostics or sampling."""
+  run_dir: str
+  step: int
+  eval: dict
+  trainer: Trainer
+
+  @property
+  def state(self):
+    return self.trainer.state
+
+
 def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = False,
-          allow_data_change: bool = False, progress: bool = True, final_outputs: bool = True,
-          devices=None) -> dict[str, Any]:
-  """Train `cfg` in `run_dir`; returns a summary dict. Raises ConfigError (bad input, nothing
-  written), TrainingDiverged (NaN/Inf loss), SaveFailed (a checkpoint or run-directory write failed;
-  earlier checkpoints kept) or Interrupted (SIGTERM/SIGINT)."""
+          allow_data_change: bool = False, progress: bool = True, devices=None) -> RunResult:
+  """Train `cfg` in `run_dir` (config.json, metrics.jsonl, tb/, checkpoints/, eval.json).
+
+  Raises ConfigError (bad input, nothing written), TrainingDiverged (NaN/Inf loss), SaveFailed (a
+  checkpoint or run-directory write failed; earlier checkpoints kept) or Interrupted (SIGTERM/SIGINT).
+  """
   run_dir = os.path.abspath(run_dir)
   progress_state = {"step": 0, "saved": None}
 
@@ -180,8 +166,7 @@ def train(cfg: RunConfig, run_dir: str, *, resume: bool = False, force: bool = F
   cleanup: list = []
   with StopSignals(cfg.train.stop_timeout_s, describe, cleanup) as sig:
     return _train(cfg, run_dir, sig, cleanup, progress_state, resume=resume, force=force,
-                  allow_data_change=allow_data_change, progress=progress,
-                  final_outputs=final_outputs, devices=devices)
+                  allow_data_change=allow_data_change, progress=progress, devices=devices)
 
 
 def _check_stop(sig: StopSignals, run_dir: str, state: dict):
@@ -213,17 +198,12 @@ def _prepare_run_dir(run_dir: str, cfg: RunConfig, mode: str, lock: rd.RunLock):
 
 
 def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progress_state: dict, *,
-           resume: bool, force: bool, allow_data_change: bool, progress: bool, final_outputs: bool,
-           devices) -> dict[str, Any]:
+           resume: bool, force: bool, allow_data_change: bool, progress: bool,
+           devices) -> RunResult:
   # 1. Validate everything that can be validated without writing.
   mode = rd.check_run_dir(run_dir, cfg, resume=resume, force=force)
-  setup = make_setup(cfg, devices)
-  tokenizer, data_iter, eval_host = open_data(cfg)
-  from mhc_jax.data.sources import fingerprint
-  data_fp = fingerprint(cfg.data)
-  # Train records: bits per byte ~ loss / ln 2 for bytes (document separators count as tokens).
-  bytes_per_token = 1.0 if cfg.data.tokenizer == "byte" else None
-  eval_bytes = count_bytes(tokenizer, eval_host)
+  trainer = Trainer(cfg, devices)
+  data = _RunData.open(cfg)
   _check_stop(sig, run_dir, progress_state)
 
   # 2. Now the run directory: lock it, then write.
@@ -239,247 +219,234 @@ def _train(cfg: RunConfig, run_dir: str, sig: StopSignals, cleanup: list, progre
     cleanup.insert(0, ckpt.remove_partial)
     if main:
       ckpt.remove_partial()    # left by an earlier process that was cut short; the lock is ours
-    return _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_host, data_fp,
-                bytes_per_token, eval_bytes, ckpt, mode, allow_data_change, progress, final_outputs)
+    start = _start_state(trainer, ckpt, data, run_dir, mode, allow_data_change)
+    if start >= cfg.train.steps:   # a finished run resumed: nothing to do
+      return RunResult(run_dir, start, {}, trainer)
+    progress_state["step"], progress_state["saved"] = start, ckpt.latest_step()
+    _check_stop(sig, run_dir, progress_state)
+    return _Loop(trainer, data, ckpt, run_dir, sig, progress_state, progress).run(start)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _run(cfg, run_dir, sig, progress_state, setup, tokenizer, data_iter, eval_host, data_fp,
-         bytes_per_token, eval_bytes, ckpt, mode, allow_data_change, progress, final_outputs):
-  main = distributed.is_main_process()
-  train_step, eval_step, diag_fn = _jit_steps(cfg, setup)
-  metrics_path = os.path.join(run_dir, rd.METRICS)
+@dataclasses.dataclass
+class _RunData:
+  """Tokenizer, train iterator, eval batches and what the records need to know about them."""
+  tokenizer: Any
+  train_iter: Any
+  eval_host: list
+  fingerprint: str | None
+  eval_bytes: int
+  bytes_per_token: float | None    # 1 for bytes: train bits/byte ~ loss / ln 2
 
-  # 3. State: restore the newest good checkpoint, or create it born sharded.
-  state, start = None, 0
+  @classmethod
+  def open(cls, cfg: RunConfig) -> "_RunData":
+    tok, it, evals = open_data(cfg)
+    return cls(tok, it, evals, sources.fingerprint(cfg.data), count_bytes(tok, evals),
+               1.0 if cfg.data.tokenizer == "byte" else None)
+
+
+def _start_state(trainer: Trainer, ckpt: Checkpointer, data: _RunData, run_dir: str, mode: str,
+                 allow_data_change: bool) -> int:
+  """Restore the newest good checkpoint (`--resume`) or create the state; returns the start step
+  (>= `train.steps`: the run is finished, nothing changed)."""
+  cfg, start, restored = trainer.cfg, 0, False
   if mode == "resume":
-    target = abstract_target(setup, cfg)
-    got = ckpt.restore_latest(target, data_iter, check_meta=check_meta_fn(
-        cfg, data_fp, where=ckpt.directory, allow_data_change=allow_data_change))
+    got = trainer.restore(ckpt, data.train_iter, check_meta=check_meta_fn(
+        cfg, data.fingerprint, where=ckpt.directory, allow_data_change=allow_data_change))
     if got is None:
       _say(f"resume: {ckpt.directory} holds no usable checkpoint yet; starting from step 0")
     else:
-      state, _, start = got
-      # Orbax-restored buffers may not be donatable: re-materialise them through an identity jit.
-      state = jax.jit(lambda s: s, out_shardings=setup.state_shardings)(state)
+      start, restored = got, True
     if start >= cfg.train.steps:
       _say(f"nothing to do: the run is already at step {start} >= train.steps={cfg.train.steps}; "
            "nothing was changed")
       ckpt.close()
-      return {"run_dir": run_dir, "step": start, "eval": {}}
-    if main:
+      return start
+    if distributed.is_main_process():
       changed = diff(rd.read_config(run_dir), cfg)
       if changed:
         _say(f"resume: config changes {', '.join(changed)}")
       rd.write_config(run_dir, cfg)
-      truncate_after(metrics_path, start if got is not None else -1)
-    if got is not None:
+      truncate_after(os.path.join(run_dir, rd.METRICS), start if restored else -1)
+    if restored:
       _say(f"resumed from step {start} ({ckpt.directory}/{start})")
-  if state is None:
-    state = create_state(cfg, setup)
-  progress_state["step"], progress_state["saved"] = start, ckpt.latest_step()
-  _check_stop(sig, run_dir, progress_state)
+  if not restored:
+    trainer.init()
+  return start
 
-  writer = MetricsWriter(run_dir, enabled=main)
-  eval_batches = [_to_device(b, setup) for b in eval_host]
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  t = cfg.train
-  if main and start == 0:
-    _say(f"run dir: {run_dir}\nmodel: {cfg.model.connection.kind} n={cfg.model.connection.n_streams}, "
-         f"{n_params(state.params) / 1e6:.2f}M params; data: {cfg.data.source}, "
-         f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens/step; mesh {dict(setup.mesh.shape)} "
-         f"({cfg.mesh.strategy}); {t.steps} steps")
 
-  bar = None
-  if progress and main:
-    from tqdm import tqdm
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               file=sys.stderr)
+class _Loop:
+  """The step loop of one run. Metrics of step t are fetched after step t+1 is dispatched (the host
+  never stalls the device) and always before a checkpoint of step t is written."""
 
-  pending: list[tuple[int, Any]] = []
-  window: list[dict] = []
-  window_t0 = time.perf_counter()
-  timed = [0]                      # steps timed in the current window
-  last_eval: dict = {}
-  last_saved = ckpt.latest_step()
-  run_dir_id = os.stat(run_dir).st_ino
+  def __init__(self, trainer: Trainer, data: _RunData, ckpt: Checkpointer, run_dir: str,
+               sig: StopSignals, progress_state: dict, progress: bool):
+    self.trainer, self.data, self.ckpt, self.run_dir = trainer, data, ckpt, run_dir
+    self.sig, self.progress_state = sig, progress_state
+    self.t = trainer.cfg.train
+    self.main = distributed.is_main_process()
+    self.writer = MetricsWriter(run_dir, enabled=self.main)
+    self.eval_batches = [trainer.to_device(b) for b in data.eval_host]
+    self.tokens_per_step = trainer.cfg.data.batch_size * trainer.cfg.data.seq_len
+    self.progress = progress and self.main
+    self.bar = None
+    self.pending: list[tuple[int, Any]] = []
+    self.window: list[dict] = []
+    self.window_t0, self.timed = time.perf_counter(), 0
+    self.last_eval: dict = {}
+    self.last_saved = ckpt.latest_step()
+    self.run_dir_id = os.stat(run_dir).st_ino
+    self.start = 0
 
-  def drain(upto: int):
+  def run(self, start: int) -> RunResult:
+    t, trainer = self.t, self.trainer
+    self.start = step = start
+    if self.progress:
+      self.bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                      file=sys.stderr)
+    if self.main and start == 0:
+      cfg = trainer.cfg
+      _say(f"run dir: {self.run_dir}\nmodel: {cfg.model.connection.kind} "
+           f"n={cfg.model.connection.n_streams}, {n_params(trainer.state.params) / 1e6:.2f}M params; "
+           f"data: {cfg.data.source}, {cfg.data.batch_size}x{cfg.data.seq_len} tokens/step; mesh "
+           f"{dict(trainer.setup.mesh.shape)} ({cfg.mesh.strategy}); {t.steps} steps")
+    try:
+      if start == 0 and t.eval_every:
+        self.eval(0)
+      if start == 0 and t.diagnostics_every:
+        self.diagnostics(0)
+      while step < t.steps:
+        m = trainer.step(next(self.data.train_iter))
+        step += 1
+        self.progress_state["step"] = step
+        self.pending.append((step, m))
+        self.drain(step - 1)
+        self.ckpt.poll()
+        self.check_run_dir_alive()
+        if self.bar is not None:
+          self.bar.update(1)
+        stop = self.sig.received is not None
+        due_ckpt = t.checkpoint_every and step % t.checkpoint_every == 0
+        due_eval = t.eval_every and step % t.eval_every == 0
+        if stop or due_ckpt or due_eval or step == t.steps:
+          self.drain(step)
+        if due_eval and step != t.steps:
+          self.eval(step)
+        if t.diagnostics_every and step % t.diagnostics_every == 0:
+          self.diagnostics(step)
+        if stop:
+          self.save(step, wait=True)
+          raise Interrupted(self.sig.received, step, self.run_dir, saved=True)
+        if due_ckpt:
+          self.save(step)
+      self.drain(step)
+      if start < t.steps or not self.last_eval:
+        self.eval(step)
+      if self.last_saved != step:
+        self.save(step)
+      self.ckpt.wait()
+    except OSError as e:
+      self.ckpt.broken = True
+      self.ckpt.remove_partial()
+      raise SaveFailed(f"an I/O error stopped the run at step {step}: "
+                       f"{e.strerror or type(e).__name__} ({e.filename or self.run_dir})") from None
+    finally:
+      if self.bar is not None:
+        self.bar.close()
+      try:
+        self.ckpt.close()
+      finally:
+        self.writer.close()
+    if self.main:
+      with open(os.path.join(self.run_dir, EVAL), "w", encoding="utf-8") as f:
+        json.dump({"step": step, **self.last_eval}, f, indent=2)
+    return RunResult(self.run_dir, step, self.last_eval, trainer)
+
+  def drain(self, upto: int):
     """Fetch metrics of steps <= upto; check them; write train records at log steps."""
-    nonlocal window_t0
-    while pending and pending[0][0] <= upto:
-      s, m = pending.pop(0)
+    t = self.t
+    while self.pending and self.pending[0][0] <= upto:
+      s, m = self.pending.pop(0)
       m = _host(m)
       if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
         raise TrainingDiverged(
             f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {s}; stopped without "
             f"checkpointing this state (last checkpoint: "
-            f"{'none' if last_saved is None else 'step ' + str(last_saved)})")
-      window.append(m)
-      timed[0] += 1
-      if s == start + 1:            # the first step includes compilation: time from its end
-        window_t0, timed[0] = time.perf_counter(), 0
+            f"{'none' if self.last_saved is None else 'step ' + str(self.last_saved)})")
+      self.window.append(m)
+      self.timed += 1
+      if s == self.start + 1:       # the first step includes compilation: time from its end
+        self.window_t0, self.timed = time.perf_counter(), 0
       if s % t.log_every == 0 or s == t.steps:
-        dt = time.perf_counter() - window_t0
-        rec = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "z_loss", "grad_norm")}
-        rec.update(lr=m["lr"], param_norm=m["param_norm"], grad_norm_layers=m["grad_norm_layers"],
-                   perplexity=math.exp(min(rec["loss"], 700.0)), window_steps=len(window))
-        if timed[0]:
-          rec.update(step_time_s=dt / timed[0], tokens_per_s=tokens_per_step * timed[0] / dt)
-        if bytes_per_token:
-          rec["bits_per_byte"] = rec["loss"] / LN2 / bytes_per_token
-        writer.write(s, "train", rec)
-        if bar is not None:
-          bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec.get('tokens_per_s', 0):.0f}")
-        window.clear()
-        window_t0, timed[0] = time.perf_counter(), 0
+        self.write_train_record(s, m)
 
-  def run_diag(step: int):
-    if diag_fn is not None:
-      d = _host(diag_fn(state.params, eval_batches[0]))
+  def write_train_record(self, s: int, m: dict):
+    dt = time.perf_counter() - self.window_t0
+    rec = {k: float(np.mean([w[k] for w in self.window])) for k in ("loss", "z_loss", "grad_norm")}
+    rec.update(lr=m["lr"], param_norm=m["param_norm"], grad_norm_layers=m["grad_norm_layers"],
+               perplexity=math.exp(min(rec["loss"], 700.0)), window_steps=len(self.window))
+    if self.timed:
+      rec.update(step_time_s=dt / self.timed, tokens_per_s=self.tokens_per_step * self.timed / dt)
+    if self.data.bytes_per_token:
+      rec["bits_per_byte"] = rec["loss"] / LN2 / self.data.bytes_per_token
+    self.writer.write(s, "train", rec)
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec.get('tokens_per_s', 0):.0f}")
+    self.window.clear()
+    self.window_t0, self.timed = time.perf_counter(), 0
+
+  def diagnostics(self, step: int):
+    d = self.trainer.diagnostics(self.eval_batches[0])
+    if d is not None:
+      d = _host(d)
       rec = summarize_diagnostics(d)
       rec.update({f"{k}/sites": v for k, v in d.items()})
-      writer.write(step, "diag", rec)
+      self.writer.write(step, "diag", rec)
 
-  def run_eval(step: int):
-    nonlocal last_eval
-    last_eval = evaluate(eval_step, state.params, eval_batches, eval_bytes)
-    writer.write(step, "eval", last_eval)
-    if not t.diagnostics_every:
-      run_diag(step)
-    msg = f"step {step}: eval loss {last_eval['loss']:.4f}"
-    if "bits_per_byte" in last_eval:
-      msg += f", {last_eval['bits_per_byte']:.3f} bits/byte"
-    (bar.write if bar is not None else _say)(msg)
+  def eval(self, step: int):
+    self.last_eval = self.trainer.evaluate(self.eval_batches, self.data.eval_bytes)
+    self.writer.write(step, "eval", self.last_eval)
+    if not self.t.diagnostics_every:
+      self.diagnostics(step)
+    msg = f"step {step}: eval loss {self.last_eval['loss']:.4f}"
+    if "bits_per_byte" in self.last_eval:
+      msg += f", {self.last_eval['bits_per_byte']:.3f} bits/byte"
+    (self.bar.write if self.bar is not None else _say)(msg)
 
-  def save(step: int, wait: bool = False):
-    nonlocal last_saved
-    ckpt.save(step, state, data_iter, dict(_meta(cfg), data_fingerprint=data_fp), wait=wait)
-    last_saved = progress_state["saved"] = step
+  def save(self, step: int, wait: bool = False):
+    meta = dict(_meta(self.trainer.cfg), data_fingerprint=self.data.fingerprint)
+    self.trainer.save(self.ckpt, step, self.data.train_iter, meta, wait=wait)
+    self.last_saved = self.progress_state["saved"] = step
 
-  def check_run_dir_alive():
+  def check_run_dir_alive(self):
     try:
-      alive = os.stat(run_dir).st_ino == run_dir_id
+      alive = os.stat(self.run_dir).st_ino == self.run_dir_id
     except OSError:
       alive = False
     if not alive:
-      raise SaveFailed(f"the run directory {run_dir} was deleted or replaced while training; "
+      raise SaveFailed(f"the run directory {self.run_dir} was deleted or replaced while training; "
                        "stopped (nothing more can be saved there)")
 
-  step = start
-  try:
-    with setup.context():
-      if start == 0 and t.eval_every:
-        run_eval(0)
-      if start == 0 and t.diagnostics_every:
-        run_diag(0)
-      while step < t.steps:
-        batch = _to_device(next(data_iter), setup)
-        state, m = train_step(state, batch)
-        step += 1
-        progress_state["step"] = step
-        pending.append((step, m))
-        drain(step - 1)
-        ckpt.poll()
-        check_run_dir_alive()
-        if bar is not None:
-          bar.update(1)
-        stop = sig.received is not None
-        due_ckpt = t.checkpoint_every and step % t.checkpoint_every == 0
-        if stop or due_ckpt or step == t.steps or (t.eval_every and step % t.eval_every == 0):
-          drain(step)
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-          run_eval(step)
-        if t.diagnostics_every and step % t.diagnostics_every == 0:
-          run_diag(step)
-        if stop:
-          save(step, wait=True)
-          raise Interrupted(sig.received, step, run_dir, saved=True)
-        if due_ckpt:
-          save(step)
-      drain(step)
-    if start < t.steps or not last_eval:
-      run_eval(step)
-    if last_saved != step:
-      save(step)
-    ckpt.wait()
-  except OSError as e:
-    ckpt.broken = True
-    ckpt.remove_partial()
-    raise SaveFailed(f"an I/O error stopped the run at step {step}: "
-                     f"{e.strerror or type(e).__name__} ({e.filename or run_dir})") from None
-  finally:
-    if bar is not None:
-      bar.close()
-    try:
-      ckpt.close()
-    finally:
-      writer.close()
 
-  summary = {"run_dir": run_dir, "step": step, "eval": last_eval}
-  if main and final_outputs:
-    summary.update(finish(cfg, run_dir, state.params, tokenizer, last_eval, step))
-  return summary
-
-
-def finish(cfg: RunConfig, run_dir: str, params, tokenizer, last_eval: dict, step: int) -> dict:
-  """Write eval.json, sample.txt and plot.png; print where they are."""
-  from mhc_jax.plot import plot_runs
-  from mhc_jax.sample import sample_text
-  t = cfg.train
-  out = {}
-  eval_path = os.path.join(run_dir, "eval.json")
-  with open(eval_path, "w", encoding="utf-8") as f:
-    json.dump({"step": step, **last_eval}, f, indent=2)
-  out["eval_path"] = eval_path
-  if t.sample_tokens:
-    n_prompt = len(tokenizer.encode(t.sample_prompt))
-    n_new = min(t.sample_tokens, cfg.model.max_seq_len - n_prompt)
-    if n_new >= 1:
-      text = sample_text(cfg.model, params, tokenizer, t.sample_prompt, max_new_tokens=n_new,
-                         temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed)
-      path = os.path.join(run_dir, "sample.txt")
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-      out["sample_path"], out["sample"] = path, text
-  out["plot_path"] = plot_runs([run_dir], os.path.join(run_dir, "plot.png"))
-  msg = [f"\nfinished step {step}: eval loss {last_eval.get('loss', float('nan')):.4f}"
-         + (f" ({last_eval['bits_per_byte']:.3f} bits/byte, perplexity {last_eval['perplexity']:.2f})"
-            if "bits_per_byte" in last_eval else "")]
-  if "sample" in out:
-    msg.append("sample:\n" + "-" * 60 + "\n" + out["sample"] + "\n" + "-" * 60)
-  msg.append(f"eval:        {eval_path}\nsample:      {out.get('sample_path', '(disabled)')}\n"
-             f"plot:        {out['plot_path']}\nmetrics:     {os.path.join(run_dir, rd.METRICS)}"
-             f"\ntensorboard: tensorboard --logdir {os.path.join(run_dir, 'tb')}\n"
-             f"checkpoints: {os.path.join(run_dir, rd.CHECKPOINTS)}")
-  _say("\n".join(msg))
-  return out
-
-
-def load_checkpoint(run_dir: str, step: int | None = None, devices=None):
-  """`(cfg, state, step)` from a run directory's checkpoint (newest good one by default)."""
+def load_checkpoint(run_dir: str, step: int | None = None, devices=None) -> Trainer:
+  """A `Trainer` holding a run directory's checkpoint (the newest good one by default, else `step`);
+  `trainer.cfg` is the run's config and `trainer.step_count` the checkpoint's step."""
   cfg = rd.read_config(run_dir)
-  setup = make_setup(cfg, devices)
+  trainer = Trainer(cfg, devices)
   ckpt = Checkpointer(os.path.join(run_dir, rd.CHECKPOINTS), keep=cfg.train.keep)
   try:
-    target = abstract_target(setup, cfg)
     check = check_meta_fn(cfg, None, where=ckpt.directory)
     if step is None:
-      got = ckpt.restore_latest(target, quarantine=False, check_meta=check)
-      if got is None:
+      if trainer.restore(ckpt, quarantine=False, check_meta=check) is None:
         raise ConfigError(f"--run-dir {run_dir!r} is not allowed: it holds no usable checkpoint")
-      state, _, step = got
     else:
       if step not in ckpt.steps():
         raise ConfigError(f"--step={step} is not allowed: choose one of {ckpt.steps()}")
       check(step, ckpt.read_meta(step) or {})
-      state, _ = ckpt.restore(step, target)
+      state, _ = ckpt.restore(step, trainer.setup.target)
+      trainer.set_state(state)
   finally:
     ckpt.close()
-  return cfg, state, step, setup
-
-
-__all__ = ["train", "evaluate", "load_checkpoint", "open_data", "TrainingDiverged", "Interrupted",
-           "TrainState", "jnp"]
+  return trainer

@@ -1,7 +1,7 @@
 """Train state, born sharded under a mesh.
 
-`setup_mesh(run_cfg)` is the single seam that decides mesh + logical rules; `create_state` builds the
-state directly in its target shardings:
+`make_setup(run_cfg)` is the seam that decides mesh + logical rules, builds the optimizer and traces the
+abstract state once; `create_state` builds the state directly in its target shardings:
   jax.eval_shape(init) -> logical specs (nn.get_partition_spec) -> NamedShardings (logical rules)
   -> jax.jit(init, out_shardings=...)
 Optimizer-state shardings come from `optax.tree_map_params` (jax_practice.md 3.2): moments are sharded
@@ -33,21 +33,23 @@ TRACE_UNDER_MESH = True
 
 @flax.struct.dataclass
 class TrainState:
-  """`step` = optimizer updates done; `rng` = raw uint32[2] key, split each step (kept for exact resume)."""
+  """`step` = optimizer updates done."""
   step: jax.Array
   params: Any
   opt_state: Any
-  rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSetup:
-  """What the loop needs to place things: mesh, rules, state and batch shardings."""
+  """Everything a run derives once from its config: mesh, rules, optimizer, state and batch
+  shardings, and the abstract state (ShapeDtypeStructs with shardings: the restore target)."""
   mesh: Mesh
   mesh_cfg: Any
   rules: list
+  tx: optax.GradientTransformation
   state_shardings: Any      # TrainState of NamedShardings
   batch_sharding: NamedSharding
+  target: Any               # TrainState of ShapeDtypeStructs (unboxed params)
 
   def context(self):
     """Trace / run the model inside this: logical axis rules, plus `jax.set_mesh` when
@@ -77,42 +79,43 @@ def _init_fn(cfg: RunConfig, tx):
   model = LM(cfg.model)
 
   def init(seed_key):
-    init_key, state_key = jax.random.split(seed_key)
+    init_key, _ = jax.random.split(seed_key)
     tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = model.init(init_key, tokens)["params"]
     unboxed = nn.meta.unbox(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(unboxed),
-                      rng=state_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(unboxed))
   return init
 
 
-def abstract_state(cfg: RunConfig, tx=None):
+def abstract_state(cfg: RunConfig, tx: optax.GradientTransformation):
   """Boxed abstract state (params keep their logical names)."""
-  tx = tx or make_optimizer(cfg.train)
   return jax.eval_shape(_init_fn(cfg, tx), jax.random.PRNGKey(cfg.train.seed))
 
 
-def state_shardings(cfg: RunConfig, mesh: Mesh, tx=None):
+def state_shardings(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, abstract=None):
   """TrainState of NamedShardings (params via logical rules, opt state via tree_map_params)."""
-  tx = tx or make_optimizer(cfg.train)
-  abstract = abstract_state(cfg, tx)
+  abstract = abstract_state(cfg, tx) if abstract is None else abstract
   params_sh = shd.param_shardings(abstract.params, mesh, cfg.mesh)
   opt_sh = shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh)
-  rep = shd.replicated(mesh)
-  return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
+  return TrainState(step=shd.replicated(mesh), params=params_sh, opt_state=opt_sh)
 
 
 def make_setup(cfg: RunConfig, devices=None) -> MeshSetup:
+  """Mesh, optimizer, one abstract trace of the state, and the shardings derived from them."""
   mesh, rules = setup_mesh(cfg, devices)
-  return MeshSetup(mesh=mesh, mesh_cfg=cfg.mesh, rules=rules,
-                   state_shardings=state_shardings(cfg, mesh),
-                   batch_sharding=shd.batch_sharding(mesh, cfg.mesh))
+  tx = make_optimizer(cfg.train)
+  abstract = abstract_state(cfg, tx)
+  shardings = state_shardings(cfg, mesh, tx, abstract)
+  abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return MeshSetup(mesh=mesh, mesh_cfg=cfg.mesh, rules=rules, tx=tx, state_shardings=shardings,
+                   batch_sharding=shd.batch_sharding(mesh, cfg.mesh), target=target)
 
 
 def create_state(cfg: RunConfig, setup: MeshSetup) -> TrainState:
   """Fresh state, created directly in `setup.state_shardings` (never materialised unsharded)."""
-  tx = make_optimizer(cfg.train)
-  init = _init_fn(cfg, tx)
+  init = _init_fn(cfg, setup.tx)
 
   def unboxed_init(key):
     s = init(key)
@@ -122,17 +125,9 @@ def create_state(cfg: RunConfig, setup: MeshSetup) -> TrainState:
         jax.random.PRNGKey(cfg.train.seed))
 
 
-def abstract_target(setup: MeshSetup, cfg: RunConfig):
-  """ShapeDtypeStructs with target shardings: the restore target for checkpoints."""
-  abstract = abstract_state(cfg)
-  abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, setup.state_shardings)
-
-
 def n_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-__all__ = ["TrainState", "MeshSetup", "setup_mesh", "make_setup", "create_state", "abstract_target",
-           "state_shardings", "n_params", "optax"]
+__all__ = ["TrainState", "MeshSetup", "setup_mesh", "make_setup", "create_state", "abstract_state",
+           "state_shardings", "n_params"]

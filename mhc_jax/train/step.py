@@ -54,9 +54,11 @@ def layer_sq_norms(tree, n_layers: int) -> jax.Array:
   return out
 
 
-def make_train_step(cfg: RunConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """`train_step(state, batch) -> (state, metrics)`, pure; jit it with `donate_argnums=0`."""
-  tx = make_optimizer(cfg.train)
+def make_train_step(cfg: RunConfig, tx: optax.GradientTransformation | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`train_step(state, batch) -> (state, metrics)`, pure; jit it with `donate_argnums=0`.
+  `tx`: the run's optimizer (`MeshSetup.tx`); built from `cfg.train` when omitted."""
+  tx = make_optimizer(cfg.train) if tx is None else tx
   schedule = make_schedule(cfg.train)
   accum = cfg.train.grad_accum
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -85,13 +87,12 @@ def make_train_step(cfg: RunConfig) -> Callable[[TrainState, dict], tuple[TrainS
     grad_norm = global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    rng, _ = jax.random.split(state.rng)
     metrics = {
         "loss": ce, "z_loss": z_term, "grad_norm": grad_norm,
         "grad_norm_layers": jnp.sqrt(layer_sq_norms(grads, cfg.model.n_layers)),
         "param_norm": global_norm(params), "lr": schedule(state.step),
     }
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
   return train_step
 
@@ -110,7 +111,7 @@ def make_diagnostics(cfg: RunConfig):
 
   Per token: single-layer gains of each site's `H_res` and composite gains of `P_l = H_{S-1}...H_l`
   (`composite_suffixes`, l = 0 is the whole depth); then the mean and max over the batch's tokens.
-  Returns `{}` for `kind="residual"`.
+  `None` for `kind="residual"` (no stream mixing to measure).
   """
   if cfg.model.connection.kind == "residual":
     return None
@@ -151,7 +152,3 @@ def summarize_diagnostics(diag: dict[str, Any]) -> dict[str, float]:
     else:
       out[k] = max(v)
   return out
-
-
-def bits_per_byte(loss_nats: float, bytes_per_token: float = 1.0) -> float:
-  return loss_nats / LN2 / bytes_per_token

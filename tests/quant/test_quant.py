@@ -146,8 +146,8 @@ def test_only_projections_quantized_connections_bit_equal(tiny_model, mode):
 def test_int8_logits_of_trained_tiny_model_close(run_dir):
   from mhc_jax.data import make_eval_batches
   from mhc_jax.train.loop import load_checkpoint
-  cfg, state, _, _ = load_checkpoint(run_dir)
-  params = jax.device_get(state.params)
+  trainer = load_checkpoint(run_dir)
+  cfg, params = trainer.cfg, jax.device_get(trainer.state.params)
   tok = jnp.asarray(make_eval_batches(cfg.data, 1)[0]["inputs"])
   ref = np.asarray(LM(cfg.model).apply({"params": params}, tok))
   err = {}
@@ -206,7 +206,7 @@ def run_dir(tmp_path_factory):
   cfg = tiny_config(corpus, str(root / "cache"), "train.steps=4", "train.eval_every=4",
                     "train.checkpoint_every=4", "train.log_every=2")
   rd = str(root / "run")
-  train(cfg, rd, progress=False, final_outputs=False)
+  train(cfg, rd, progress=False)
   return rd
 
 

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from mhc_jax.checkpoint import Checkpointer  # noqa: E402
 from mhc_jax.config import (ConnectionConfig, DataConfig, MeshConfig, ModelConfig,  # noqa: E402
                             RunConfig, TrainConfig)
-from mhc_jax.train.state import abstract_target, create_state, make_setup  # noqa: E402
+from mhc_jax.train.state import create_state, make_setup  # noqa: E402
 from mhc_jax.train.step import make_train_step  # noqa: E402
 
 B, T = 8, 16
@@ -81,7 +81,7 @@ del state
 
 cfg_b = run_cfg(strat_b)
 setup_b = make_setup(cfg_b)
-got = ckpt.restore_latest(abstract_target(setup_b, cfg_b))
+got = ckpt.restore_latest(setup_b.target)
 assert got is not None and got[2] == 3
 state = jax.jit(lambda s: s, out_shardings=setup_b.state_shardings)(got[0])
 assert int(state.step) == 3

@@ -10,6 +10,7 @@ import pytest
 from mhc_jax import cli
 from mhc_jax.config import ConfigError
 from mhc_jax.train import TrainingDiverged, train
+from mhc_jax.train.loop import open_data
 from mhc_jax.train.metrics import read_jsonl
 from tests.train.helpers import tiny_args, tiny_config
 
@@ -30,8 +31,9 @@ def run(corpus, tmp_path_factory):
   """A finished 20-step tiny run with checkpoints at 5, 10, 15, 20."""
   d = str(tmp_path_factory.mktemp("runs") / "base")
   cfg = tiny_config(*corpus, "train.keep=10")
-  summary = train(cfg, d, progress=False)
-  return d, cfg, summary
+  result = train(cfg, d, progress=False)
+  cli.finish(result)          # `mhc-jax train` writes sample.txt and plot.png after the run
+  return d, cfg, result
 
 
 def test_tiny_run_trains_and_writes_its_layout(run):
@@ -56,7 +58,10 @@ def test_tiny_run_trains_and_writes_its_layout(run):
   for key in ("lr", "grad_norm", "grad_norm_layers", "tokens_per_s", "step_time_s", "bits_per_byte",
               "perplexity"):
     assert key in tr, key
-  assert summary["eval"]["loss"] == pytest.approx(ev[20])
+  assert summary.eval["loss"] == pytest.approx(ev[20])
+  assert summary.step == 20 and summary.trainer.step_count == 20     # the final state, in memory
+  _, _, evals = open_data(cfg)
+  assert summary.trainer.evaluate(evals)["loss"] == pytest.approx(ev[20], rel=1e-5)
   with open(os.path.join(d, "sample.txt")) as f:
     assert f.read().startswith(cfg.train.sample_prompt)
 
@@ -66,7 +71,7 @@ def test_eval_sample_and_plot_commands(run, capsys, tmp_path):
   assert cli.main(["eval", "--run-dir", d]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["step"] == 20
-  assert out["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+  assert out["loss"] == pytest.approx(summary.eval["loss"], rel=1e-5)
   assert cli.main(["eval", "--run-dir", d, "--step", "5", "--split", "train", "--batches", "1"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 5
   assert cli.main(["sample", "--run-dir", d, "--prompt", "def f", "--tokens", "8",
@@ -90,8 +95,7 @@ def test_corrupt_latest_checkpoint_is_skipped_and_resume_repeats_the_losses(run,
         f.write(b"\x00garbage")
   # And make step 15 incomplete (its state item is gone).
   shutil.rmtree(os.path.join(d, "checkpoints", "15", "state"))
-  train(tiny_config(*cfg_paths(cfg), "train.keep=10"), d, resume=True, progress=False,
-        final_outputs=False)
+  train(tiny_config(*cfg_paths(cfg), "train.keep=10"), d, resume=True, progress=False)
   out = capsys.readouterr().out
   assert "checkpoint step 20 is unusable" in out and "checkpoint step 15 is unusable" in out
   assert "resumed from step 10" in out
