@@ -152,15 +152,16 @@ def _dpre_loop(cfg, s, x_ref, du_ref):
 def _bwd_body(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, *rest):
   *stat_refs, du_ref, dh_ref, dx_ref, dz_ref, hh_ref, dproj_ref = rest
   f = _forward_math(cfg, x_ref, phi_ref, prm_ref, vec_ref, m0_ref, m1_ref, stat_refs or None)
-  h, vjp = f["vjp"](f["z"])
   ch = f["ch"]
   s = loop_chunk(cfg)
-  lanes = jax.lax.broadcasted_iota(jnp.int32, h.shape, 1)
   dh = dh_ref[...]
+  lanes = jax.lax.broadcasted_iota(jnp.int32, dh.shape, 1)
   if not cfg.dpre_given:      # u = sum_j H_pre[j] x[j]: dH_pre[j] += <du, x[j]>
     g = _dpre_static(cfg, ch, x_ref, du_ref) if s is None else _dpre_loop(cfg, s, x_ref, du_ref)
     for j in range(cfg.n):
       dh = dh + jnp.where(lanes == j, g[j], 0.0)
+  # The mapping's saved iterates are live only from here to `vjp` (not across the feature loops).
+  h, vjp = f["vjp"](f["z"])
   (dz,) = vjp(dh)
   dhh = dz * f["a_row"]
   r = f["r"]
