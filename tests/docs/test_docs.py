@@ -104,3 +104,51 @@ def test_mkdocs_build_strict(tmp_path):
   assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
   assert (tmp_path / "site" / "index.html").is_file()
   assert (tmp_path / "site" / "concepts" / "index.html").is_file()
+
+
+DOTTED = re.compile(r"\bmhc_jax(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+PATHS = re.compile(r"(?<![/~\w.])(?:mhc_jax|tests|notebooks|experiments)/[A-Za-z0-9_./-]*[A-Za-z0-9_]")
+RESOLVE = r'''
+import importlib, sys
+bad = []
+for ref in sys.argv[1:]:
+  parts = ref.split(".")
+  for i in range(len(parts), 0, -1):
+    try:
+      obj = importlib.import_module(".".join(parts[:i]))
+      break
+    except ModuleNotFoundError:
+      continue
+  else:
+    bad.append(ref)
+    continue
+  for name in parts[i:]:
+    if hasattr(obj, name):
+      obj = getattr(obj, name)
+      continue
+    try:
+      obj = importlib.import_module(obj.__name__ + "." + name)
+    except Exception:
+      bad.append(ref)
+      break
+print("\n".join(bad))
+'''
+
+
+def test_named_modules_and_paths_exist(tmp_path):
+  """Every `mhc_jax.x.y` the pages name resolves, and every repository path they name exists."""
+  names, paths = set(), set()
+  for page in pages():
+    text = page.read_text(encoding="utf-8")
+    names.update(DOTTED.findall(text))
+    for p in PATHS.findall(text):
+      if not p.startswith("experiments/results/"):   # results are written by the commands
+        paths.add(p)
+  missing = sorted(p for p in paths if not any((ROOT / (p + ext)).exists() for ext in ("", ".ipynb")))
+  assert not missing, f"pages name repository paths that do not exist: {missing}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, "-c", RESOLVE, *sorted(names)], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  bad = proc.stdout.split()
+  assert not bad, f"pages name modules or attributes that do not exist: {bad}"
