@@ -68,6 +68,9 @@ def test_readme_is_short_and_keeps_the_quick_start():
            "make test    # creates .venv, installs, runs the whole test suite\n"
            "```")
   assert quick in text
+  links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+  missing = [l for l in links if "://" not in l and not (ROOT / l).exists()]
+  assert not missing, f"README.md links to files that do not exist: {missing}"
 
 
 def test_every_page_with_python_has_runnable_blocks():
