@@ -1,5 +1,5 @@
 """Experiment 4: ablations of mHC, one seed each, at the main comparison's model with half its steps
-(`ABLATION_SCALE`, 300 steps: the CPU budget of this project did not allow more).
+(preset `lm_ablations`, 300 steps: the CPU budget of this project did not allow more).
 
   n_streams       mHC with n in {1, 2, 4, 8}
   sinkhorn_iters  mHC with t in {1, 5, 20}
@@ -17,11 +17,10 @@ Writes `experiments/results/ablations{,_smoke}.json` and `.png`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from experiments import common
-from experiments import lm_common as lc
+from mhc_jax.tools import lm_runs
 
 GROUPS = {   # most informative first: the JSON is saved after every run
     "init": [("mhc n=4", dict(kind="mhc")), ("mhc init=uniform", dict(kind="mhc", init="uniform")),
@@ -34,15 +33,14 @@ GROUPS = {   # most informative first: the JSON is saved after every run
                   ("mhc n=4", dict(kind="mhc", n=4)), ("mhc n=8", dict(kind="mhc", n=8))],
 }
 REUSE = {"mhc n=4": "mhc", "hc dynamic": "hc"}
-ABLATION_SCALE = dataclasses.replace(lc.Scale(), steps=300, warmup_steps=20)
 
 
-def _reusable(out, scale, seed: int) -> dict:
+def _reusable(out, base, seed: int) -> dict:
   path = common.out_dir(out) / "lm_compare.json"
   if not path.exists():
     return {}
   prev = json.loads(path.read_text())
-  if prev.get("scale") != dataclasses.asdict(scale) or prev.get("smoke"):
+  if prev.get("scale") != lm_runs.scale(base) or prev.get("smoke"):
     return {}
   found = {}
   for name, kind in REUSE.items():
@@ -52,14 +50,14 @@ def _reusable(out, scale, seed: int) -> dict:
   return found
 
 
-def run(groups=GROUPS, scale=ABLATION_SCALE, seed: int = 0, smoke=False, out=None,
+def run(groups=GROUPS, base="lm_ablations", seed: int = 0, smoke=False, out=None,
         stem="ablations") -> dict:
-  dcfg = lc.data_config("stdlib", "", scale.seq_len, scale.batch_size, smoke=smoke)
-  result = {"experiment": stem, "smoke": smoke, "scale": dataclasses.asdict(scale),
-            "scale_text": scale.describe(), "seed": seed, "groups": {g: [n for n, _ in v]
+  base = lm_runs.preset(base)
+  result = {"experiment": stem, "smoke": smoke, "scale": lm_runs.scale(base),
+            "scale_text": lm_runs.describe(base), "seed": seed, "groups": {g: [n for n, _ in v]
                                                                      for g, v in groups.items()},
             "runs": {}, "reused_from_lm_compare": [], **common.metadata()}
-  reuse = {} if smoke else _reusable(out, scale, seed)
+  reuse = {} if smoke else _reusable(out, base, seed)
   d = common.out_dir(out)
   for members in groups.values():
     for name, kw in members:
@@ -70,9 +68,9 @@ def run(groups=GROUPS, scale=ABLATION_SCALE, seed: int = 0, smoke=False, out=Non
         result["reused_from_lm_compare"].append(name)
       else:
         kw = dict(kw)
-        rec = lc.run_one(lc.make_config(kw.pop("kind"), scale=scale, seed=seed, data=dcfg, **kw),
-                         str(lc.SCRATCH / stem / name.replace(" ", "_").replace("=", "")),
-                         heatmap=False)
+        rec = lm_runs.run_one(lm_runs.make_config(kw.pop("kind"), base, seed=seed, **kw),
+                              str(common.SCRATCH / stem / name.replace(" ", "_").replace("=", "")),
+                              heatmap=False)
       result["runs"][name] = rec
       print(f"{name}: val loss {rec['final_val_loss']:.4f} ({rec['wall_s']} s wall, {rec['cpu_s']} s cpu)",
             flush=True)
@@ -113,7 +111,7 @@ def main(argv=None):
   stem = "ablations_smoke" if smoke else "ablations"
   groups = {"n_streams": [("mhc n=2", dict(kind="mhc", n=2))],
             "hc_dynamic": [("hc static", dict(kind="hc", dynamic=False))]} if smoke else GROUPS
-  result = run(groups, lc.SMOKE_SCALE if smoke else ABLATION_SCALE, args.seed, smoke, args.out, stem)
+  result = run(groups, "lm_smoke" if smoke else "lm_ablations", args.seed, smoke, args.out, stem)
   common.save_figure(plot(result), common.out_dir(args.out) / f"{stem}.png")
   for k, v in result["summary"].items():
     print(f"{k:20s} val loss {v['final_val_loss']:.4f}  composite bwd gain {v['composite_bwd_max_end']:.4g}")

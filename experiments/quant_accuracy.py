@@ -13,7 +13,6 @@ side in one process). One JSON table and one plot under `experiments/results/`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -23,10 +22,8 @@ import time
 import numpy as np
 
 from experiments import common
-from experiments.lm_common import SCRATCH, SMOKE_SCALE, Scale, make_config
+from mhc_jax.tools import lm_runs
 
-SCALE = Scale(d_model=128, n_layers=4, n_heads=4, seq_len=64, batch_size=8, steps=300,
-              warmup_steps=30, eval_every=150, eval_batches=4, log_every=25)
 MODES = (("int8", 128), ("int4", 128), ("int4", 32))
 SMOKE_MODES = (("int8", 128), ("int4", 16))
 
@@ -41,8 +38,9 @@ def _decode_tps(fn, n_new: int, repeats: int = 3) -> float:
   return n_new / best
 
 
-def measure(run_dir: str, kind: str, eval_batches: int, n_new: int, work: str,
+def measure(trainer, kind: str, eval_batches: int, n_new: int, work: str,
             modes=MODES) -> list[dict]:
+  """The float model of `trainer` (its final state) against its quantised versions."""
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
@@ -53,10 +51,10 @@ def measure(run_dir: str, kind: str, eval_batches: int, n_new: int, work: str,
                              quantized_kernel_bytes,
                              quantized_generate, quantized_logits, save_quantized, tree_bytes)
   from mhc_jax.sample import generate
-  from mhc_jax.train.loop import count_bytes, load_checkpoint
-  cfg, state, step, _ = load_checkpoint(run_dir)
+  from mhc_jax.train.trainer import count_bytes
+  cfg, step = trainer.cfg, trainer.step_count
   mcfg = cfg.model
-  params = jax.device_get(state.params)
+  params = jax.device_get(trainer.state.params)
   host = make_eval_batches(cfg.data, eval_batches)
   n_bytes = count_bytes(make_tokenizer(cfg.data), host)
   fwd = jax.jit(lambda p, t: LM(mcfg).apply({"params": p}, t))
@@ -141,28 +139,20 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="results directory (default experiments/results)")
   args = ap.parse_args(argv)
   smoke = common.smoke_from_env(args.smoke)
-  scale = SMOKE_SCALE if smoke else SCALE
-  if args.steps:
-    scale = dataclasses.replace(scale, steps=args.steps)
+  base = lm_runs.preset("lm_smoke" if smoke else "lm_quant", steps=args.steps or 0)
   from mhc_jax.train import train
   modes = SMOKE_MODES if smoke else MODES
   work = tempfile.mkdtemp(prefix="quant_acc_")
   rows, train_s = [], {}
   try:
     for kind in ("residual", "mhc"):
-      cfg = make_config(kind, scale=scale)
-      if smoke:
-        from experiments.lm_common import data_config
-        cfg = dataclasses.replace(cfg, data=data_config(seq_len=scale.seq_len,
-                                                        batch_size=scale.batch_size, smoke=True))
-      cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-          cfg.train, checkpoint_every=scale.steps, keep=1))
-      rd = str(SCRATCH / f"quant_{kind}")
+      cfg = lm_runs.make_config(kind, base)
+      rd = str(common.SCRATCH / f"quant_{kind}")
       shutil.rmtree(rd, ignore_errors=True)
       t0 = time.perf_counter()
-      train(cfg, rd, progress=False, final_outputs=False)
+      result = train(cfg, rd, progress=False)
       train_s[kind] = time.perf_counter() - t0
-      rows += measure(rd, kind, 2 if smoke else args.eval_batches,
+      rows += measure(result.trainer, kind, 2 if smoke else args.eval_batches,
                       8 if smoke else args.new_tokens, work, modes)
   finally:
     shutil.rmtree(work, ignore_errors=True)
@@ -178,9 +168,10 @@ def main(argv=None) -> int:
         "agreement": {"residual": get("residual")["agreement"], "mhc": get("mhc")["agreement"]}}
   res = {"experiment": "quant_accuracy", "command": "python -m experiments.quant_accuracy "
          + " ".join(sys.argv[1:] if argv is None else argv), **common.metadata(),
-         "scale": scale.describe(), "shapes": {"d_model": scale.d_model, "n_layers": scale.n_layers,
-                                               "n_heads": scale.n_heads, "seq_len": scale.seq_len,
-                                               "mhc_streams": 4, "vocab": 256},
+         "scale": lm_runs.describe(base),
+         "shapes": {"d_model": base.model.d_model, "n_layers": base.model.n_layers,
+                    "n_heads": base.model.n_heads, "seq_len": base.data.seq_len,
+                    "mhc_streams": 4, "vocab": 256},
          "eval_batches": 2 if smoke else args.eval_batches, "train_seconds": train_s,
          "quantised": "attention q/k/v/out (nn.Einsum) and MLP wi_0/wi_1/wo (nn.Dense) kernels; "
                       "embedding (tied head), norms and all connection parameters float32",

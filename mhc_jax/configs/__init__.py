@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mhc_jax.config import ConfigError, ConnectionConfig, ModelConfig
-from mhc_jax.data.config import DataConfig
-from mhc_jax.sharding import MeshConfig
-from mhc_jax.train.config import RunConfig, TrainConfig
+from mhc_jax.config import (ConfigError, ConnectionConfig, DataConfig, MeshConfig, ModelConfig,
+                            RunConfig, TrainConfig)
 
 
 def default() -> RunConfig:
@@ -49,6 +47,12 @@ def tiny() -> RunConfig:
 
 
 PRESETS = {"default": default, "smoke": smoke, "tiny": tiny}
+# The tools' and experiments' presets: sharding_small / sharding_1b (`compare-sharding`), lm_* (LM
+# experiments); see those modules.
+from mhc_jax.configs import experiments as _experiments, sharding as _sharding  # noqa: E402
+
+PRESETS.update(_sharding.PRESETS)
+PRESETS.update(_experiments.PRESETS)
 
 
 def get_preset(name: str) -> RunConfig:

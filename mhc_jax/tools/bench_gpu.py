@@ -6,10 +6,10 @@
 
 Uses the JAX already installed (no venv, no pip: e.g. jax 0.11.2 with the CUDA 13 plugin) and the
 project's own timing code:
-  kernels  `mhc_jax.kernels.bench.run`: pre, post, whole connection; forward and forward+backward;
+  kernels  `mhc_jax.tools.bench_kernels.run`: pre, post, whole connection; forward and forward+backward;
            xla vs pallas; ideal bytes (paper Table 2), bytes/s, fraction of peak HBM bandwidth,
            pallas speedup over xla from the same run. One (C, tokens) point at a time, most wanted first.
-  step     `mhc_jax.bench_step.run`: d_model 2048, seq 2048, residual vs mHC n=4 (kernels: the
+  step     `mhc_jax.tools.bench_step.run`: d_model 2048, seq 2048, residual vs mHC n=4 (kernels: the
            configured implementation, `auto` by default), remat `none` and `mhc_paper`: step time,
            tokens/s, overhead %, temp / peak memory, MFU. Residual and mHC interleaved step by step.
   peers    the PyPI `hyper-connections` mHC module (experiments/peers/torch_peer.py) on the GPU,
@@ -69,7 +69,7 @@ def _err(e: BaseException) -> str:
 def kernels_section(rec: Recorder, deadline: float, smoke: bool, log) -> None:
   import jax.numpy as jnp
 
-  from mhc_jax.kernels import bench
+  from mhc_jax.tools import bench_kernels as bench
   from mhc_jax.kernels.api import platform_backend
   sec = rec.section("kernels")
   backend = platform_backend()
@@ -96,7 +96,7 @@ def kernels_section(rec: Recorder, deadline: float, smoke: bool, log) -> None:
 
 
 def step_section(rec: Recorder, deadline: float, smoke: bool, log, implementation: str) -> None:
-  from mhc_jax import bench_step
+  from mhc_jax.tools import bench_step
   sec = rec.section("step")
   sets = (SMOKE_STEP_SETS if smoke else STEP_SETS) + [
       f"model.connection.implementation={implementation}"]
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
           "notes": "kernels: ideal bytes per paper Table 2 (each stream element once, coefficients "
                    "float32); step: bench step rows (MFU null where the device has no peak entry)"}
   try:
-    from mhc_jax.kernels.bench import peak_bandwidth
+    from mhc_jax.tools.bench_kernels import peak_bandwidth
     meta["peak_bw_bytes_per_s"] = peak_bandwidth(dev.device_kind)
   except Exception:  # noqa: BLE001
     pass

@@ -4,7 +4,7 @@
         [--step-layers]  [--out experiments/results/h100_estimate_<date>.json]
 
 kernels: for each compiled kernel program of a `gpu_aot` sweep (1 device), the ideal HBM bytes of
-  paper Table 2 counting (`mhc_jax.kernels.bench.ideal_bytes`: each stream element read or written
+  paper Table 2 counting (`mhc_jax.tools.bench_kernels.ideal_bytes`: each stream element read or written
   once, coefficients float32) against the compiled program's bytes accessed (XLA's CPU cost model
   over the optimized H100 module: a Pallas kernel counts its operands and results once, XLA fusions
   likewise), and the time each implies at H100 (3.35 TB/s) and H200 (4.8 TB/s) HBM bandwidth.
@@ -36,7 +36,7 @@ _MODE = {"pre_fwd": ("pre", "fwd"), "pre_bwd": ("pre", "fwd+bwd"),
 def kernel_rows(items: list[dict]) -> list[dict]:
   import jax.numpy as jnp
 
-  from mhc_jax.kernels.bench import ideal_bytes
+  from mhc_jax.tools.bench_kernels import ideal_bytes
   rows = []
   for it in items:
     if it.get("kind") != "kernel" or it.get("devices") != 1 or it.get("status") != "ok":
@@ -73,7 +73,7 @@ def _step_bytes(n_streams: int, layers: int, implementation: str) -> dict:
   from mhc_jax.config import ConnectionConfig, ModelConfig
   from mhc_jax.config import DataConfig
   from mhc_jax.config import MeshConfig
-  from mhc_jax.sharding_compare import lower_step
+  from mhc_jax.tools.compare_sharding import lower_step
   from mhc_jax.tools import h100
   from mhc_jax.config import RunConfig, TrainConfig
   kind = "residual" if n_streams == 1 else "mhc"
@@ -95,7 +95,7 @@ def _step_bytes(n_streams: int, layers: int, implementation: str) -> dict:
 def step_rows(implementation: str = "pallas", log=print) -> dict:
   import jax.numpy as jnp
 
-  from mhc_jax.kernels.bench import ideal_bytes
+  from mhc_jax.tools.bench_kernels import ideal_bytes
   c, tokens, full_layers, s = 2048, 2 * 2048, 20, jnp.dtype(jnp.bfloat16).itemsize
   out = {"shape": {"d_model": c, "seq_len": 2048, "batch": 2, "tokens": tokens, "dtype": "bfloat16",
                    "remat": "none", "extrapolated_layers": full_layers, "implementation":

@@ -6,7 +6,7 @@
         [--item-timeout 1800] [--out experiments/results/h100_aot_<date>.json]
     (`make gpu-aot ARGS=...`)
 
-kernels: `mhc_jax.kernels.aot.programs` (fused pre / post, forward and value-and-grad, mHC, 20
+kernels: `mhc_jax.tools.kernel_aot.programs` (fused pre / post, forward and value-and-grad, mHC, 20
   Sinkhorn iterations) with the GPU launch parameters of `mhc_jax.kernels.launch`; on 8 devices the
   same programs inside `shard_map` over tokens (the per-device kernel sees tokens / 8).
 step: the `1b` compare-sharding preset (d 2048, 20 layers, B 16, T 2048, bf16, remat full, mHC n=4)
@@ -37,7 +37,8 @@ def _kernel_item(item: dict) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from mhc_jax.kernels import aot, block, launch
+  from mhc_jax.kernels import block, launch
+  from mhc_jax.tools import kernel_aot as aot
   from mhc_jax.tools import h100
   n, c, dev, t = item["n"], item["C"], item["devices"], item["tokens"]
   dtype = jnp.dtype(item["dtype"])
@@ -76,7 +77,7 @@ def _step_item(item: dict) -> dict:
   import dataclasses
 
   from mhc_jax.config import MeshConfig
-  from mhc_jax.sharding_compare import lower_step, preset
+  from mhc_jax.tools.compare_sharding import lower_step, preset
   from mhc_jax.tools import h100
   base = preset(item["preset"])
   impl = item["implementation"] if item["n_streams"] > 1 else "xla"    # residual: no kernels

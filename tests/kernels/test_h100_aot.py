@@ -14,7 +14,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mhc_jax.kernels import aot, block, launch
+from mhc_jax.kernels import block, launch
+from mhc_jax.tools import kernel_aot as aot
 
 pytestmark = [pytest.mark.gpu_aot,
               pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")]
@@ -119,7 +120,8 @@ def _tiny_cfg(strategy, shape, implementation, d_model=32):
 def test_h100x8_fsdp_train_step_with_kernels_compiles():
   """Tiny model, 8 abstract H100s, fsdp, implementation="pallas": the sharded step compiles to
   cubins with the Triton kernels inside (per-device shard_map), and the collectives are counted."""
-  from mhc_jax.sharding_compare import collective_stats, lower_step
+  from mhc_jax.tools.compare_sharding import lower_step
+  from mhc_jax.tools.hlo import collective_stats
   from mhc_jax.tools import h100
   cfg = _tiny_cfg("fsdp", (1, 8, 1), "pallas")
   lowered, mesh, _ = lower_step(cfg, h100.devices(8))
@@ -137,7 +139,7 @@ def test_h100x8_fsdp_train_step_with_kernels_compiles():
 def test_tpu_v5e8_fsdp_tp_train_step_with_kernels_compiles():
   """The same step under fsdp_tp (fsdp 4 x tensor 2 on v5e-8, streams replicated over tensor) compiles for a
   TPU v5e-8 topology with the Mosaic kernels inside."""
-  from mhc_jax.sharding_compare import lower_step, topology_devices
+  from mhc_jax.tools.compare_sharding import lower_step, topology_devices
   cfg = _tiny_cfg("fsdp_tp", (1, 4, 2), "pallas", d_model=128)
   lowered, mesh, _ = lower_step(cfg, topology_devices("v5e:2x4"))
   text = lowered.compile().as_text()
@@ -146,7 +148,7 @@ def test_tpu_v5e8_fsdp_tp_train_step_with_kernels_compiles():
 
 @needs_gpu_aot
 def test_compare_sharding_accepts_h100_topologies():
-  from mhc_jax.sharding_compare import topology_devices
+  from mhc_jax.tools.compare_sharding import topology_devices
   devs = topology_devices("h100:8")
   assert len(devs) == 8 and devs[0].platform == "gpu" and "H100" in devs[0].device_kind
   assert "H200" in topology_devices("h200:2")[0].device_kind

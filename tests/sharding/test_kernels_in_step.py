@@ -13,7 +13,7 @@ from mhc_jax.config import (STRATEGIES, STREAM_SHARDINGS, ConnectionConfig, Data
                             ModelConfig, RunConfig)
 from mhc_jax import sharding as S
 from mhc_jax.model import LM
-from mhc_jax.sharding_compare import collective_stats
+from mhc_jax.tools.hlo import collective_stats
 from mhc_jax.train.step import loss_fn
 
 pytestmark = pytest.mark.slow

@@ -30,7 +30,7 @@ def test_hsdp_mesh_spans_slices_on_the_data_axis():
 
 
 def test_compare_sharding_compiles_every_strategy_for_v5e_8(tmp_path):
-  from mhc_jax import sharding_compare as C
+  from mhc_jax.tools import compare_sharding as C
   from mhc_jax.config import ConnectionConfig
   devices = C.topology_devices("v5e:2x4")
   base = C.preset("small")

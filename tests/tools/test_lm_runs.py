@@ -1,11 +1,11 @@
-"""Pure helpers of the LM experiments (fast), and a config check."""
+"""Pure helpers of the LM experiments (`mhc_jax.tools.lm_runs`, fast), and config checks."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from experiments import lm_common as lc
+from mhc_jax.tools import lm_runs as lc
 
 
 def test_max_spike():
@@ -40,7 +40,7 @@ def test_read_record_parses_metrics(tmp_path):
 
 
 def test_make_config_same_model_for_every_kind():
-  cfgs = {k: lc.make_config(k, scale=lc.SMOKE_SCALE, seed=1) for k in ("residual", "hc", "mhc", "mhc_lite")}
+  cfgs = {k: lc.make_config(k, "lm_smoke", seed=1) for k in ("residual", "hc", "mhc", "mhc_lite")}
   assert cfgs["residual"].model.connection.n_streams == 1
   assert {c.model.connection.n_streams for k, c in cfgs.items() if k != "residual"} == {4}
   assert len({(c.model.d_model, c.model.n_layers, c.train.steps, c.train.seed, c.data.seq_len)
@@ -50,4 +50,12 @@ def test_make_config_same_model_for_every_kind():
 def test_bad_data_flag_is_one_clear_line():
   from mhc_jax.config import ConfigError
   with pytest.raises(ConfigError, match="--data='nope'"):
-    lc.data_config("nope")
+    lc.data_config(lc.preset("lm_smoke").data, "nope")
+
+
+def test_scale_and_description_of_a_preset():
+  cfg = lc.preset("lm_compare", steps=300)
+  assert lc.scale(cfg) == {"d_model": 64, "n_layers": 4, "n_heads": 4, "seq_len": 64,
+                           "batch_size": 8, "steps": 300, "lr": 3e-3, "warmup_steps": 30,
+                           "eval_every": 100, "eval_batches": 4, "log_every": 10, "clip_norm": 1.0}
+  assert lc.describe(cfg).startswith("d_model=64, 4 layers (8 connection sites), 4 heads, seq 64")

@@ -1,7 +1,13 @@
-"""`mhc-jax plot RUN_DIR [RUN_DIR ...] --out plot.png`: loss and Amax-gain curves of one or more runs.
+"""Plots: the curves of training runs and the sharding comparison's bar charts.
 
-Panels: train loss (and eval loss, dashed) vs step; composite Amax gain over depth (forward and
-backward, max over validation tokens) vs step, log scale; gradient norm vs step.
+  plot_runs      `mhc-jax plot RUN_DIR ... --out plot.png` (and `plot.png` at the end of `mhc-jax
+                 train`): train loss (and eval loss, dashed) vs step; composite Amax gain over depth
+                 (forward and backward, max over validation tokens) vs step, log scale; gradient
+                 norm vs step
+  plot_sharding  `mhc-jax compare-sharding`: memory, collective bytes and FLOPs per row
+
+matplotlib is imported inside each function, not at the top: it is heavy (about a second to import)
+and an optional path (only plotting needs it).
 """
 from __future__ import annotations
 
@@ -73,3 +79,33 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
+
+
+
+def plot_sharding(result: dict, path: str) -> None:
+  """Bar charts of a `compare-sharding` result (`rows` without errors) into `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [r for r in result["rows"] if "error" not in r]
+  if not rows:
+    return
+  names = [r["name"] for r in rows]
+  panels = [
+      ("argument MiB / device", [r["memory_mib"]["arguments"] for r in rows]),
+      ("temporary MiB / device", [r["memory_mib"]["temporaries"] for r in rows]),
+      ("collective MiB / device / step", [r["collective_mib"] for r in rows]),
+      ("GFLOP / device / step", [r["flops"] / 1e9 for r in rows]),
+  ]
+  fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(rows) + 3), 11),
+                           sharex=True)
+  colors = ["tab:gray" if r["connection"] == "residual" else "tab:blue" for r in rows]
+  for ax, (title, vals) in zip(axes, panels):
+    ax.bar(range(len(rows)), vals, color=colors)
+    ax.set_ylabel(title, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+  axes[-1].set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+  fig.suptitle(f"{result['title']}  (gray: residual, blue: mHC)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

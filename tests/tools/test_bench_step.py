@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from mhc_jax import bench_step, cli
+from mhc_jax import cli
+from mhc_jax.tools import bench_step
 
 TINY = ["--preset", "tiny", "--set", "data.batch_size=2", "--set", "data.seq_len=8",
         "--set", "model.n_layers=2"]
@@ -18,7 +19,8 @@ def test_bench_step_smoke(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "mhc_paper" in printed and str(out) in printed
   res = json.loads(out.read_text())
-  for key in ("date", "device", "device_kind", "backend", "jax", "flax", "shapes", "results"):
+  for key in ("date", "device", "device_kind", "backend", "jax", "flax", "shapes", "results",
+              "load_average", "cpu_count"):
     assert key in res
   assert res["shapes"]["seq_len"] == 8 and res["shapes"]["batch"] == 2
   rows = {(r["kind"], r["remat"]): r for r in res["results"]}
@@ -28,6 +30,7 @@ def test_bench_step_smoke(tmp_path, capsys):
   assert res_row["overhead_vs_residual_pct"] == 0.0
   for r in (res_row, mhc_row):
     assert len(r["step_times_s"]) == 2 and r["step_time_s"] > 0
+    assert r["step_cpu_s"] > 0 and r["compile_cpu_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(16 / r["step_time_s"])
     assert r["temp_bytes"] > 0 and r["model_flops"] > 0
     assert r["mfu"] is None and r["device_peak_tflops"] is None        # CPU: no meaningful peak

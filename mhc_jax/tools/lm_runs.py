@@ -1,90 +1,82 @@
-"""Shared plumbing of the LM training experiments (items 2-4): configs as code, one run -> one compact
+"""LM training comparisons (experiments 2-4, notebook 02): configs from a preset, one run -> one compact
 record, aggregation over seeds, and the plots.
 
 Every run goes through the library's own entry point (`mhc_jax.train.train`) on the built-in corpus
 (or a prepared TFDS dataset); the record keeps the paper's views from the run's `metrics.jsonl`:
 validation loss, train loss and gradient-norm curves, single-layer and composite Amax gains over
 training (whole depth) and over depth (per site, at the end), and the learned `H_res` (token mean over
-one validation batch, per site).
+one validation batch, per site). The model / optimisation sizes are the `lm_*` presets of
+`mhc_jax.configs.experiments`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import pathlib
 import shutil
 import time
 from typing import Any
 
 import numpy as np
 
-from experiments import common
 from mhc_jax.analysis import mean_std
+from mhc_jax.tools import results
 
-SCRATCH = common.RESULTS_DIR / "_scratch" / "runs"
 KIND_COLORS = {"residual": "tab:gray", "hc": "tab:red", "mhc": "tab:blue", "mhc_lite": "tab:green"}
+KINDS = ("residual", "hc", "mhc", "mhc_lite")
 
 
-@dataclasses.dataclass(frozen=True)
-class Scale:
-  """Model / optimisation size of one experiment (every compared run uses the same one)."""
-  d_model: int = 64
-  n_layers: int = 4
-  n_heads: int = 4
-  seq_len: int = 64
-  batch_size: int = 8
-  steps: int = 600
-  lr: float = 3e-3
-  warmup_steps: int = 30
-  eval_every: int = 100
-  eval_batches: int = 4
-  log_every: int = 10
-  clip_norm: float = 1.0
-
-  def describe(self) -> str:
-    return (f"d_model={self.d_model}, {self.n_layers} layers ({2 * self.n_layers} connection sites), "
-            f"{self.n_heads} heads, seq {self.seq_len}, batch {self.batch_size}, {self.steps} steps "
-            f"({self.steps * self.batch_size * self.seq_len / 1e6:.2f}M tokens), AdamW lr {self.lr:g} "
-            f"cosine, warmup {self.warmup_steps}, clip {self.clip_norm:g}")
+def preset(name_or_cfg, steps: int = 0):
+  """A preset by name (e.g. `lm_compare`) or a RunConfig as is; `steps` > 0 overrides train.steps."""
+  from mhc_jax.configs import get_preset
+  cfg = get_preset(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+  if steps:
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+  return cfg
 
 
-SMOKE_SCALE = Scale(d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, steps=12,
-                    warmup_steps=2, eval_every=6, eval_batches=1, log_every=2)
+def scale(cfg) -> dict[str, Any]:
+  """The size every compared run of an experiment shares (saved with the results; a saved run is
+  reused only at the same scale)."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  return {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "seq_len": d.seq_len,
+          "batch_size": d.batch_size, "steps": t.steps, "lr": t.lr, "warmup_steps": t.warmup_steps,
+          "eval_every": t.eval_every, "eval_batches": t.eval_batches, "log_every": t.log_every,
+          "clip_norm": t.clip_norm}
 
 
-def data_config(data: str = "stdlib", data_dir: str = "", seq_len: int = 64, batch_size: int = 8,
-                smoke: bool = False):
-  """`stdlib` (built-in corpus) or `tfds:NAME` (a prepared TFDS dataset under `data_dir`)."""
-  from mhc_jax.data.config import DataConfig
+def describe(cfg) -> str:
+  s = scale(cfg)
+  return (f"d_model={s['d_model']}, {s['n_layers']} layers ({2 * s['n_layers']} connection sites), "
+          f"{s['n_heads']} heads, seq {s['seq_len']}, batch {s['batch_size']}, {s['steps']} steps "
+          f"({s['steps'] * s['batch_size'] * s['seq_len'] / 1e6:.2f}M tokens), AdamW lr {s['lr']:g} "
+          f"cosine, warmup {s['warmup_steps']}, clip {s['clip_norm']:g}")
+
+
+def data_config(base, data: str = "stdlib", data_dir: str = ""):
+  """The preset's data section on `stdlib` (built-in corpus) or `tfds:NAME` (a prepared TFDS dataset
+  under `data_dir`), same sequence length and batch."""
   if data == "stdlib":
-    return DataConfig(source="stdlib", seq_len=seq_len, batch_size=batch_size,
-                      max_files=60 if smoke else 0)
+    return dataclasses.replace(base, source="stdlib")
   if data.startswith("tfds:"):
-    return DataConfig(source="tfds", tfds_name=data[5:], data_dir=data_dir, seq_len=seq_len,
-                      batch_size=batch_size)
+    from mhc_jax.config import DataConfig
+    return DataConfig(source="tfds", tfds_name=data[5:], data_dir=data_dir, seq_len=base.seq_len,
+                      batch_size=base.batch_size)
   from mhc_jax.config import ConfigError
   raise ConfigError(f"--data={data!r} is not allowed: 'stdlib' or 'tfds:NAME' (e.g. tfds:lm1b)")
 
 
-def make_config(kind: str, *, scale: Scale, seed: int = 0, n: int = 4, sinkhorn_iters: int = 20,
+def make_config(kind: str, base, *, seed: int = 0, n: int = 4, sinkhorn_iters: int = 20,
                 init: str = "hc_like", dynamic: bool = True, data=None, lr: float | None = None):
-  """The RunConfig of one compared run. `kind="residual"` forces n = 1."""
-  from mhc_jax.config import ConnectionConfig, ModelConfig
-  from mhc_jax.sharding import MeshConfig
-  from mhc_jax.train import RunConfig, TrainConfig
-  n = 1 if kind == "residual" else n
-  conn = ConnectionConfig(kind=kind, n_streams=n, sinkhorn_iters=sinkhorn_iters, init=init,
-                          dynamic=dynamic)
-  model = ModelConfig(vocab_size=256, d_model=scale.d_model, n_layers=scale.n_layers,
-                      n_heads=scale.n_heads, max_seq_len=scale.seq_len, dtype="float32",
-                      connection=conn)
-  data = data or data_config(seq_len=scale.seq_len, batch_size=scale.batch_size)
-  train = TrainConfig(steps=scale.steps, lr=lr or scale.lr, schedule="cosine",
-                      warmup_steps=scale.warmup_steps, clip_norm=scale.clip_norm,
-                      eval_every=scale.eval_every, eval_batches=scale.eval_batches,
-                      log_every=scale.log_every, checkpoint_every=0, keep=1, seed=seed,
-                      sample_tokens=0)
-  return RunConfig(model=model, data=data, train=train, mesh=MeshConfig(strategy="dp"))
+  """The RunConfig of one compared run: preset `base` (name or RunConfig) with this connection, seed
+  (and data, learning rate). `kind="residual"` forces n = 1."""
+  base = preset(base)
+  conn = dataclasses.replace(base.model.connection, kind=kind, n_streams=1 if kind == "residual" else n,
+                             sinkhorn_iters=sinkhorn_iters, init=init, dynamic=dynamic)
+  train = dataclasses.replace(base.train, seed=seed, lr=lr or base.train.lr)
+  return dataclasses.replace(base, model=dataclasses.replace(base.model, connection=conn),
+                             data=data or base.data, train=train)
 
 
 def _f(v):
@@ -116,23 +108,24 @@ def read_record(run_dir: str) -> dict[str, Any]:
   return out
 
 
-def learned_h_res(run_dir: str, batch_index: int = 0):
-  """Token-mean `H_res [S, n, n]` of the final checkpoint on one validation batch (None: residual)."""
+def learned_h_res(trainer, batch_index: int = 0):
+  """Token-mean `H_res [S, n, n]` of a `Trainer`'s state (e.g. `train(...).trainer`, the final state)
+  on one validation batch (None: residual)."""
   import jax
   import jax.numpy as jnp
+  from mhc_jax.data import make_eval_batches
   from mhc_jax.model import LM, collect_mappings
-  from mhc_jax.train import load_checkpoint
-  from mhc_jax.train.loop import _to_device, open_data
-  cfg, state, _, setup = load_checkpoint(run_dir)
+  cfg = trainer.cfg
   if cfg.model.connection.kind == "residual":
     return None
-  _, _, evals = open_data(cfg)
-  batch = _to_device(evals[batch_index], setup)
-  with setup.context():
+  evals = make_eval_batches(cfg.data, cfg.train.eval_batches, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+  batch = trainer.to_device(evals[batch_index])
+  with trainer.context():
     def f(params, tokens):
       _, st = LM(cfg.model).apply({"params": params}, tokens, mutable=["intermediates"])
       return jnp.mean(collect_mappings(st["intermediates"], cfg.model)["h_res"], axis=(1, 2))
-    h = jax.jit(f)(state.params, batch["inputs"])
+    h = jax.jit(f)(trainer.state.params, batch["inputs"])
   return np.asarray(jax.device_get(h), np.float64).tolist()
 
 
@@ -149,14 +142,14 @@ def max_spike(losses) -> float:
 
 def run_one(cfg, run_dir: str, *, heatmap: bool = True) -> dict[str, Any]:
   """Train `cfg` in `run_dir` (overwritten) and return its compact record."""
+  from mhc_jax.config import to_dict
   from mhc_jax.train import TrainingDiverged, train
-  from mhc_jax.train.config import to_dict
   if os.path.isdir(run_dir):
     shutil.rmtree(run_dir)
   t0, c0 = time.time(), time.process_time()
-  diverged = None
+  diverged = result = None
   try:
-    train(cfg, run_dir, progress=False, final_outputs=False)
+    result = train(cfg, run_dir, progress=False)
   except TrainingDiverged as e:
     diverged = str(e)
   rec = {"config": to_dict(cfg), "diverged": diverged, **read_record(run_dir)}
@@ -165,7 +158,7 @@ def run_one(cfg, run_dir: str, *, heatmap: bool = True) -> dict[str, Any]:
   rec["final_val_loss"] = rec["eval_loss"][-1] if rec["eval_loss"] and not diverged else float("nan")
   rec["max_loss_spike"] = max_spike(rec["train_loss"]) if not diverged else math.inf
   rec["max_grad_norm"] = max(rec["grad_norm"]) if rec["grad_norm"] else float("nan")
-  rec["h_res_mean"] = learned_h_res(run_dir) if heatmap and not diverged else None
+  rec["h_res_mean"] = learned_h_res(result.trainer) if heatmap and not diverged else None
   return rec
 
 
@@ -193,7 +186,7 @@ def _band(ax, xs, ys_list, color, label, log=False):
 def plot_groups(groups: dict[str, list[dict]], title: str, colors: dict[str, str] | None = None):
   """2 x 3 panels: eval loss, train loss, grad norm; composite bwd/fwd gain (max over tokens) over
   training; composite gain over depth and single-layer gain per site at the end (seed mean)."""
-  fig, axes = common.new_figure(2, 3, figsize=(16, 8.5))
+  fig, axes = results.new_figure(2, 3, figsize=(16, 8.5))
   colors = colors or {}
   cycle = iter(["tab:blue", "tab:red", "tab:green", "tab:gray", "tab:purple", "tab:orange",
                 "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
@@ -237,7 +230,7 @@ def plot_heatmaps(named: dict[str, list], title: str, max_sites: int = 8):
   if not named:
     return None
   n_sites = min(max_sites, min(v.shape[0] for v in named.values()))
-  fig, axes = common.new_figure(len(named), n_sites, figsize=(1.8 * n_sites + 1, 1.9 * len(named)),
+  fig, axes = results.new_figure(len(named), n_sites, figsize=(1.8 * n_sites + 1, 1.9 * len(named)),
                                 squeeze=False)
   for r, (name, h) in enumerate(named.items()):
     for s in range(n_sites):
@@ -254,3 +247,76 @@ def plot_heatmaps(named: dict[str, list], title: str, max_sites: int = 8):
         ax.set_ylabel(name, fontsize=8)
   fig.suptitle(title, fontsize=10)
   return fig
+
+
+# Comparisons: every kind x seed at one preset.
+
+def compare(plan, base="lm_compare", data: str = "stdlib", data_dir: str = "", smoke: bool = False,
+            out=".", stem: str = "lm_compare", scratch=None, report_spikes: bool = False) -> dict:
+  """Train every (kind, seeds) of `plan` at preset `base`; the result (saved to `out/<stem>.json`
+  after every run, so partial results survive an interruption) holds each run's record and a summary
+  per kind. Run directories: `scratch/<stem>/<kind>_s<seed>` (default `out/_scratch/runs`)."""
+  base = preset(base)
+  dcfg = data_config(base.data, data, data_dir)
+  result = {"experiment": stem, "smoke": smoke, "scale": scale(base),
+            "scale_text": describe(base), "data": data, "n_streams": 4,
+            "seeds": list(dict.fromkeys(s for _, seeds in plan for s in seeds)),
+            "runs": {}, **results.metadata()}
+  d = pathlib.Path(out)
+  d.mkdir(parents=True, exist_ok=True)
+  scratch = pathlib.Path(scratch) if scratch else d / "_scratch" / "runs"
+  for kind, seeds in plan:
+    for seed in seeds:
+      cfg = make_config(kind, base, seed=seed, data=dcfg)
+      rec = run_one(cfg, str(scratch / stem / f"{kind}_s{seed}"))
+      result["runs"].setdefault(kind, []).append(rec)
+      spikes = (f" diverged={bool(rec['diverged'])} max spike {rec['max_loss_spike']:.3f}"
+                if report_spikes else "")
+      print(f"{kind} seed {seed}: val loss {rec['final_val_loss']:.4f}{spikes} "
+            f"({rec['wall_s']} s wall, {rec['cpu_s']} s cpu)", flush=True)
+      result["summary"] = summarize(result["runs"])
+      results.save_json(result, d / f"{stem}.json")
+  return result
+
+
+def summarize(runs: dict) -> dict:
+  out = {}
+  for kind, recs in runs.items():
+    row = {"final_val_loss": aggregate(recs), "max_grad_norm": aggregate(recs, "max_grad_norm"),
+           "max_loss_spike": aggregate(recs, "max_loss_spike"),
+           "diverged": sum(bool(r["diverged"]) for r in recs),
+           "cpu_s": sum(r["cpu_s"] for r in recs)}
+    if recs[0]["diag_step"]:
+      for k in ("gain/composite_fwd_max", "gain/composite_bwd_max", "gain/bwd_max",
+                "gain/composite_bwd_mean"):
+        vals = final(recs, k)
+        row[k] = {"mean": sum(vals) / len(vals), "max": max(vals), "values": vals}
+        peak = [max(r[k]) for r in recs]
+        row[k + "_peak_over_training"] = {"max": max(peak), "values": peak}
+    out[kind] = row
+  if "residual" in out:
+    base = out["residual"]["final_val_loss"]["mean"]
+    for row in out.values():
+      row["delta_vs_residual"] = row["final_val_loss"]["mean"] - base
+  return out
+
+
+def save_figures(result: dict, out=".", stem: str = "lm_compare"):
+  d = pathlib.Path(out)
+  fig = plot_groups(result["runs"], f"{stem}: {result['scale_text']}; seeds {result['seeds']} "
+                    "(bands: +-1 std over seeds)", KIND_COLORS)
+  results.save_figure(fig, d / f"{stem}.png")
+  heat = plot_heatmaps({k: v[0]["h_res_mean"] for k, v in result["runs"].items()},
+                       f"learned H_res (token mean over one validation batch), seed "
+                       f"{result['seeds'][0]}, after {result['scale']['steps']} steps")
+  if heat is not None:
+    results.save_figure(heat, d / f"{stem}_heatmaps.png")
+
+
+def print_table(result: dict):
+  print(f"{'kind':10s} {'val loss (mean +- std)':>24s} {'vs residual':>12s} {'composite bwd gain (end)':>26s}")
+  for kind, row in result["summary"].items():
+    v = row["final_val_loss"]
+    g = row.get("gain/composite_bwd_max", {}).get("mean", float("nan"))
+    print(f"{kind:10s} {v['mean']:>14.4f} +- {v['std']:.4f} {row.get('delta_vs_residual', 0):>+12.4f} "
+          f"{g:>26.4g}")

@@ -11,12 +11,12 @@ real training step (`mhc_jax.train.step.make_train_step`, born-sharded state, do
 Devices: the local ones (`JAX_NUM_CPU_DEVICES=8` for fake CPU devices, or `--cpu-devices 8`), or a TPU
 topology compiled ahead of time through libtpu (`--topology v5e:2x4`, the `tpu-aot` extra), or N
 abstract NVIDIA H100 / H200 through JAX's CUDA plugin (`--topology h100:8`, the `gpu-aot` extra).
-Output: a console table, `<out>.json` and `<out>.png` (bar charts).
+Output: a console table, `<out>.json` and `<out>.png` (bar charts, `mhc_jax.tools.plots`).
+Collectives and the cost model: `mhc_jax.tools.hlo`; presets: `mhc_jax.configs.sharding`.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import json
@@ -27,140 +27,19 @@ import sys
 import time
 from typing import Any
 
-from mhc_jax.config import ConfigError, ConnectionConfig, fail
-from mhc_jax.sharding import DEFAULT_SHAPES, STRATEGIES, STREAM_SHARDINGS, MeshConfig
+from mhc_jax.config import (DEFAULT_SHAPES, STRATEGIES, STREAM_SHARDINGS, ConfigError,
+                            ConnectionConfig, MeshConfig, fail)
+from mhc_jax.tools.args import config_parser
+from mhc_jax.tools.hlo import collective_stats, cpu_cost_model
 
 MiB = 2 ** 20
+PRESETS = {"small": "sharding_small", "1b": "sharding_1b"}   # --preset -> mhc_jax.configs name
 NOTES = ("memory per device from memory_analysis (CPU buffer assignment differs from TPU/GPU); "
          "flops / bytes accessed from cost_analysis as XLA reports them, which counts a while-loop "
          "body once (a scanned layer stack contributes one layer): compare rows, not absolutes; "
          "collectives: HLO collective instructions (one per channel) weighted by loop trip counts, "
          "bytes = size of each collective's result buffer; step times on fake CPU devices are not "
          "hardware timings")
-
-# ---------------------------------------------------------------------------------------------
-# Collectives from compiled HLO text.
-
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "c64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2,
-                "f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_COMP_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_OP_RE = re.compile(r"=\s*(.*?)\s+(" + "|".join(KINDS) + r")(-start)?\(")
-_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-_CALL_RE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)="
-                      r"%?([\w.\-]+)")
-_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CHANNEL_RE = re.compile(r"\bchannel_id=(\d+)")
-
-
-def _array_bytes(type_text: str) -> list[int]:
-  out = []
-  for dtype, dims in _ARRAY_RE.findall(type_text):
-    if dtype in _DTYPE_BYTES:
-      out.append(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype])
-  return out
-
-
-def _result_bytes(kind: str, is_async: bool, type_text: str) -> int:
-  """Per-device bytes an op moves, from its result type.
-
-  Sync ops: the result (all arrays of a combined op). Async `*-start` results are tuples: all-reduce
-  returns its operands' shape (sum them); all-gather / collective-permute / all-to-all return
-  `(operands, outputs, [context scalars])` (the second half of the non-scalar arrays).
-  """
-  sizes = _array_bytes(type_text)
-  if not is_async or kind == "all-reduce":
-    return sum(sizes)
-  arrays = [s for s in sizes if s > 4] or sizes
-  half = len(arrays) // 2
-  return sum(arrays[half:]) if half else sum(arrays)
-
-
-def _split_computations(hlo: str):
-  comps: dict[str, list[str]] = {}
-  entry = current = None
-  for line in hlo.splitlines():
-    m = _COMP_RE.match(line)
-    if m:
-      current = m.group(2)
-      comps[current] = []
-      entry = current if m.group(1) else entry
-    elif current is not None:
-      if line.startswith("}"):
-        current = None
-      else:
-        comps[current].append(line)
-  return comps, entry
-
-
-def _cond_trip_count(comps, while_line: str) -> int | None:
-  """Trip count of a `while` without `known_trip_count` (TPU): its condition is `i < constant(N)`
-  on the counter (scan loops start at 0, step 1)."""
-  if " while(" not in while_line:
-    return None
-  m = re.search(r"condition=%?([\w.\-]+)", while_line)
-  body = comps.get(m.group(1), []) if m else []
-  consts = [int(c) for c in re.findall(r"s32\[\][^=]*constant\((\d+)\)", "\n".join(body))]
-  lt = any("compare(" in line and "direction=LT" in line for line in body)
-  return consts[0] if lt and len(consts) == 1 else None
-
-
-def collective_stats(hlo: str) -> dict[str, dict[str, float]]:
-  """`{kind: {"count": executions per step, "bytes": per-device bytes per step}}`.
-
-  Each computation's multiplicity is the sum over its call sites of the caller's multiplicity times
-  the loop's trip count (`known_trip_count`, or the `i < N` bound of its condition; 1 for non-loop
-  calls), so collectives in a scanned layer body count L times.
-  """
-  comps, entry = _split_computations(hlo)
-  stats = {k: {"count": 0, "bytes": 0} for k in KINDS}
-  if entry is None:
-    return stats
-  edges = collections.defaultdict(list)
-  for name, lines in comps.items():
-    for line in lines:
-      trip = _TRIP_RE.search(line)
-      trip_n = int(trip.group(1)) if trip else (_cond_trip_count(comps, line) or 1)
-      for role, callee in _CALL_RE.findall(line):
-        factor = trip_n if role in ("body", "condition") else 1
-        edges[name].append((callee, factor))
-      b = _BRANCHES_RE.search(line)
-      if b:
-        edges[name] += [(c.strip().lstrip("%"), 1) for c in b.group(1).split(",") if c.strip()]
-  order, seen = [], set()
-
-  def visit(name):
-    if name not in seen:
-      seen.add(name)
-      for callee, _ in edges.get(name, ()):
-        visit(callee)
-      order.append(name)
-  visit(entry)
-  mult = collections.Counter({entry: 1})
-  for name in reversed(order):                   # callers before callees
-    for callee, factor in edges.get(name, ()):
-      mult[callee] += mult[name] * factor
-  seen_channels = set()
-  for name, lines in comps.items():
-    if not mult.get(name):
-      continue
-    for line in lines:
-      op = _OP_RE.search(line)
-      if not op:
-        continue
-      channel = _CHANNEL_RE.search(line)
-      if channel:                # TPU clones one collective into several fusions: count it once
-        if channel.group(1) in seen_channels:
-          continue
-        seen_channels.add(channel.group(1))
-      kind, is_async = op.group(2), bool(op.group(3))
-      if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
-        kind = "reduce-scatter"  # TPU lowers reduce-scatter as a fused all-reduce + slice
-      stats[kind]["count"] += mult[name]
-      stats[kind]["bytes"] += mult[name] * _result_bytes(kind, is_async, op.group(1))
-  return stats
-
 
 # ---------------------------------------------------------------------------------------------
 # Rows.
@@ -220,14 +99,16 @@ def lower_step(cfg, devices):
   import numpy as np
   from mhc_jax import sharding as shd
   from mhc_jax.train import state as st
+  from mhc_jax.train.optimizer import make_optimizer
   from mhc_jax.train.step import make_train_step
 
   mesh = shd.make_mesh(cfg.mesh, devices)
+  tx = make_optimizer(cfg.train)
   # The abstract init traces the model too: let it see the target platform (kernels resolve their
   # backend from the active abstract mesh), not this host's CPU.
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    shardings = st.state_shardings(cfg, mesh)
-    abstract = st.abstract_state(cfg)
+    abstract = st.abstract_state(cfg, tx)
+    shardings = st.state_shardings(cfg, mesh, tx, abstract)
   batch_sh = shd.batch_sharding(mesh, cfg.mesh)
   abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
   state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -235,7 +116,7 @@ def lower_step(cfg, devices):
   b, t = cfg.data.batch_size, cfg.data.seq_len
   batch_abs = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=batch_sh)
                for k in ("inputs", "targets")}
-  step_fn = jax.jit(make_train_step(cfg), in_shardings=(shardings, {"inputs": batch_sh,
+  step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, {"inputs": batch_sh,
                                                                      "targets": batch_sh}),
                     out_shardings=(shardings, None), donate_argnums=0)
   with shd.sharding_context(mesh, cfg.mesh):
@@ -243,27 +124,10 @@ def lower_step(cfg, devices):
   return lowered, mesh, int(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
 
 
-def cpu_cost_model(compiled) -> dict:
-  """`cost_analysis()`, or (GPU ahead-of-time, where it returns None) XLA's CPU cost model over the
-  optimized module: a private API, so any failure gives `{}`."""
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  if cost.get("bytes accessed"):
-    return dict(cost)
-  try:
-    from jax._src import xla_bridge
-    from jax._src.lib import _jax
-    module = compiled.runtime_executable().hlo_modules()[0]
-    return dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
-  except Exception:  # noqa: BLE001 - private API moved
-    return {}
-
-
 def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, Any]:
   """Compile (and, on real devices, run `steps` steps of) the train step for `cfg` on `devices`."""
-  import jax
   import numpy as np
+  from mhc_jax import distributed
   from mhc_jax import sharding as shd
   from mhc_jax.train import state as st
 
@@ -297,8 +161,8 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
     state = st.create_state(cfg, setup)
     rng = np.random.default_rng(cfg.data.seed)
     seq = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
-    batch = {"inputs": shd.global_batch_array(seq[:, :-1], mesh, cfg.mesh),
-             "targets": shd.global_batch_array(seq[:, 1:], mesh, cfg.mesh)}
+    batch = {"inputs": distributed.global_batch_array(seq[:, :-1], mesh, cfg.mesh),
+             "targets": distributed.global_batch_array(seq[:, 1:], mesh, cfg.mesh)}
     losses, times = [], []
     for _ in range(steps):
       t1 = time.perf_counter()
@@ -314,27 +178,15 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets, CLI.
+# CLI.
 
 def preset(name: str):
-  """`small`: CPU-sized (seconds per row); `1b`: ~1.0B-parameter mHC LM for TPU ahead-of-time."""
-  from mhc_jax.config import ModelConfig
-  from mhc_jax.data.config import DataConfig
-  from mhc_jax.train.config import RunConfig, TrainConfig
-  conn = ConnectionConfig(kind="mhc", n_streams=4)
-  if name == "small":
-    model = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, max_seq_len=64,
-                        dtype="float32", connection=conn)
-    data = DataConfig(seq_len=64, batch_size=16)
-  elif name == "1b":
-    # 20 x (4 d^2 attention + 3 d ff SwiGLU) with d=2048, ff=5504: 1.01e9 parameters.
-    model = ModelConfig(vocab_size=256, d_model=2048, n_layers=20, n_heads=16, max_seq_len=2048,
-                        dtype="bfloat16", remat="full", connection=conn)
-    data = DataConfig(seq_len=2048, batch_size=16)
-  else:
+  """The run config of `--preset NAME`: `small` (CPU-sized, seconds per row) or `1b` (~1.0B-parameter
+  mHC LM for ahead-of-time compiles); the presets `sharding_small` / `sharding_1b` of `mhc_jax.configs`."""
+  from mhc_jax.configs import get_preset
+  if name not in PRESETS:
     raise ConfigError(f"--preset {name!r} is not allowed: choose one of 'small', '1b'")
-  return RunConfig(model=model, data=data, train=TrainConfig(steps=100, lr=1e-3, warmup_steps=0),
-                   mesh=MeshConfig())
+  return get_preset(PRESETS[name])
 
 
 def _parse_shapes(items: list[str]) -> dict[str, tuple]:
@@ -354,10 +206,9 @@ def _parse_shapes(items: list[str]) -> dict[str, tuple]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mhc-jax compare-sharding", description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="small", help="small (CPU) or 1b (TPU ahead-of-time)")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                 help="RunConfig override, e.g. model.d_model=128 or data.batch_size=32")
+  p = config_parser("mhc-jax compare-sharding", __doc__, preset="small",
+                    preset_help="small (CPU) or 1b (TPU ahead-of-time)",
+                    set_help="RunConfig override, e.g. model.d_model=128 or data.batch_size=32")
   p.add_argument("--strategies", default=",".join(STRATEGIES))
   p.add_argument("--stream-shardings", default=",".join(STREAM_SHARDINGS),
                  help="residual-stream layouts to add as rows for multi-stream models")
@@ -435,37 +286,9 @@ def _fmt_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(result: dict, path: str):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = [r for r in result["rows"] if "error" not in r]
-  if not rows:
-    return
-  names = [r["name"] for r in rows]
-  panels = [
-      ("argument MiB / device", [r["memory_mib"]["arguments"] for r in rows]),
-      ("temporary MiB / device", [r["memory_mib"]["temporaries"] for r in rows]),
-      ("collective MiB / device / step", [r["collective_mib"] for r in rows]),
-      ("GFLOP / device / step", [r["flops"] / 1e9 for r in rows]),
-  ]
-  fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(rows) + 3), 11),
-                           sharex=True)
-  colors = ["tab:gray" if r["connection"] == "residual" else "tab:blue" for r in rows]
-  for ax, (title, vals) in zip(axes, panels):
-    ax.bar(range(len(rows)), vals, color=colors)
-    ax.set_ylabel(title, fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-  axes[-1].set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
-  fig.suptitle(f"{result['title']}  (gray: residual, blue: mHC)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def run(args, partial_path: str | None = None) -> dict:
   import jax
-  from mhc_jax.train.config import apply_overrides
+  from mhc_jax.config import apply_overrides
   base = apply_overrides(preset(args.preset), args.overrides)
   if args.topology:
     devices, real = topology_devices(args.topology), False
@@ -526,13 +349,18 @@ def run(args, partial_path: str | None = None) -> dict:
     if partial_path:                      # long AOT runs: keep what is done so far
       with open(partial_path, "w") as f:
         json.dump(dict(header, rows=results, partial=True), f, indent=1)
-  # all strategies must agree on the loss (per connection kind)
+  return dict(header, loss_max_abs_diff_across_strategies=_loss_agreement(results, by_label),
+              rows=results)
+
+
+def _loss_agreement(rows: list[dict], labels) -> dict[str, float]:
+  """Per connection label: max |loss difference| across its rows (all strategies must agree)."""
   agree = {}
-  for label in by_label:
-    losses = [r["losses"] for r in results if r["connection"] == label and r.get("losses")]
+  for label in labels:
+    losses = [r["losses"] for r in rows if r["connection"] == label and r.get("losses")]
     if len(losses) > 1:
       agree[label] = max(abs(a - b) for l in losses for a, b in zip(l, losses[0]))
-  return dict(header, loss_max_abs_diff_across_strategies=agree, rows=results)
+  return agree
 
 
 def merge(paths: list[str], note: str | None = None) -> dict:
@@ -554,12 +382,8 @@ def merge(paths: list[str], note: str | None = None) -> dict:
   head["merged_from"] = [os.path.basename(p) for p in paths]
   head["notes"] = NOTES + (f"; {note}" if note else "")
   head["rows"] = rows
-  agree = {}
-  for label in {r["connection"] for r in rows}:
-    losses = [r["losses"] for r in rows if r["connection"] == label and r.get("losses")]
-    if len(losses) > 1:
-      agree[label] = max(abs(a - b) for l in losses for a, b in zip(l, losses[0]))
-  head["loss_max_abs_diff_across_strategies"] = agree
+  head["loss_max_abs_diff_across_strategies"] = _loss_agreement(
+      rows, {r["connection"] for r in rows})
   return head
 
 
@@ -627,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
   if os.path.exists(out + ".partial.json"):
     os.remove(out + ".partial.json")
   if not args.no_plot:
-    plot(result, out + ".png")
+    from mhc_jax.tools.plots import plot_sharding
+    plot_sharding(result, out + ".png")
   print(f"saved {out}.json" + ("" if args.no_plot else f" and {out}.png"))
   return 0
 

@@ -11,12 +11,17 @@ jitted exactly as the training loop does (donated state, sharded batch), on one 
 reported. With interleaving (default) the kinds of one remat policy take turns step by step, so the
 overhead ratios are measured side by side under the same machine load.
 
-Reported per pair: median step time, tokens/s, overhead vs `residual` (same policy) in %, memory
+Reported per pair: median step time and median CPU time per step (`time.process_time`, all threads
+of this process: the figure to read on a shared machine, where wall time depends on the other load;
+the load average is saved too), tokens/s, overhead vs `residual` (same policy) in %, memory
 (`compiled.memory_analysis()`: temp = activations + workspace, argument, output; plus
 `memory_stats()["peak_bytes_in_use"]` on GPU/TPU, which is the process peak so far), model FLOPs
 per step and MFU against `DEVICE_PEAK_TFLOPS` (null where the device has no entry, e.g. CPU).
 Model FLOPs (PaLM convention, remat recompute not counted): `6 * tokens * (P_matmul + V*C)` +
 `12 * L * T * C * tokens` for attention, P_matmul = all parameters except the embedding table.
+
+The cost of the `make train` step, mHC vs a plain residual of the same shapes (CPU time):
+    mhc-jax bench step --kinds residual,mhc --remat none --out experiments/results/train_step_cost.json
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import sys
 import time
 
 from mhc_jax.config import KINDS, REMAT, ConfigError
+from mhc_jax.tools.args import config_parser
 
 # Dense peak TFLOP/s per chip by compute dtype (vendor datasheets, no sparsity).
 DEVICE_PEAK_TFLOPS = {
@@ -76,10 +82,9 @@ def _parse_list(text: str, allowed, field: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mhc-jax bench step", description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="default", help="run preset giving the model and batch shape")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a field, e.g. model.d_model=2048 (repeatable)")
+  p = config_parser("mhc-jax bench step", __doc__, preset="default",
+                    preset_help="run preset giving the model and batch shape",
+                    set_help="override a field, e.g. model.d_model=2048 (repeatable)")
   p.add_argument("--kinds", default="residual,hc,mhc,mhc_lite")
   p.add_argument("--remat", default="none,mhc_paper", help="comma list of " + ", ".join(REMAT))
   p.add_argument("--n-streams", type=int, default=4, help="streams for hc / mhc / mhc_lite")
@@ -105,6 +110,7 @@ class _Case:
   state: object = None
   batch: object = None
   times: list = dataclasses.field(default_factory=list)
+  cpu_times: list = dataclasses.field(default_factory=list)
   row: dict = dataclasses.field(default_factory=dict)
 
 
@@ -122,7 +128,7 @@ def _prepare(case: _Case, device) -> None:
   import jax
   import numpy as np
   from mhc_jax.config import compute_dtype
-  from mhc_jax.model import mhc_paper_group
+  from mhc_jax.remat import mhc_paper_group
   from mhc_jax.train.state import create_state, make_setup, n_params
   from mhc_jax.train.step import make_train_step
 
@@ -136,11 +142,11 @@ def _prepare(case: _Case, device) -> None:
            "targets": jax.device_put(tokens[:, 1:], setup.batch_sharding)}
   batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding}
   with setup.context():
-    step = jax.jit(make_train_step(cfg), in_shardings=(setup.state_shardings, batch_sh),
+    step = jax.jit(make_train_step(cfg, setup.tx), in_shardings=(setup.state_shardings, batch_sh),
                    out_shardings=(setup.state_shardings, None), donate_argnums=0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -154,6 +160,7 @@ def _prepare(case: _Case, device) -> None:
                                                                cfg.model.n_layers))
                      if case.remat == "mhc_paper" else None,
       "params": params, "compute_dtype": dtype_name, "compile_s": round(compile_s, 3),
+      "compile_cpu_s": round(compile_cpu_s, 3),
       "temp_bytes": int(mem.temp_size_in_bytes) if mem else None,
       "argument_bytes": int(mem.argument_size_in_bytes) if mem else None,
       "output_bytes": int(mem.output_size_in_bytes) if mem else None,
@@ -162,12 +169,13 @@ def _prepare(case: _Case, device) -> None:
   }
 
 
-def _one_step(case: _Case) -> float:
+def _one_step(case: _Case) -> tuple[float, float]:
+  """(wall, CPU) seconds of one step."""
   import jax
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   case.state, metrics = case.step(case.state, case.batch)
   jax.block_until_ready((case.state, metrics))
-  return time.perf_counter() - t0
+  return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _finish(case: _Case, device, tokens: int) -> None:
@@ -175,6 +183,7 @@ def _finish(case: _Case, device, tokens: int) -> None:
   row = case.row
   row["step_time_s"] = med
   row["step_times_s"] = [round(x, 6) for x in case.times]
+  row["step_cpu_s"] = statistics.median(case.cpu_times) if case.cpu_times else None
   row["tokens_per_s"] = tokens / med if med else None
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   row["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"]) if stats else None
@@ -196,14 +205,16 @@ def run(argv: list[str] | None = None) -> dict:
                         "an integer >= 1")
   if args.warmup < 0:
     raise ConfigError(f"--warmup={args.warmup} is not allowed: an integer >= 0")
+  import jax
   out = args.out
   if out is None:
     out = os.path.join("experiments", "results", f"bench_step_{jax.default_backend()}.json")
   if out != "-":
     from mhc_jax import paths
     out = paths.check_file("--out", out, (".json",))   # before the work, not after it
-  from mhc_jax.cli import resolve_config
-  base = resolve_config(args.preset, args.overrides)
+  from mhc_jax.config import apply_overrides
+  from mhc_jax.configs import get_preset
+  base = apply_overrides(get_preset(args.preset), args.overrides)
   try:
     groups_arg = [int(g) for g in args.remat_groups.split(",")]
   except ValueError:
@@ -214,7 +225,6 @@ def run(argv: list[str] | None = None) -> dict:
   cases = [_Case(k, r, _case_config(base, k, r, args.n_streams, g)) for r in remats
            for g in (groups_arg if r == "mhc_paper" else [0]) for k in kinds]
 
-  import jax
   device = jax.devices()[0]
   tokens = base.data.batch_size * base.data.seq_len
   keys = list(dict.fromkeys((c.remat, c.cfg.model.remat_group) for c in cases))
@@ -229,7 +239,9 @@ def run(argv: list[str] | None = None) -> dict:
         _one_step(c)
     for _ in range(0 if args.memory_only else args.steps):       # alternate the pairs of a group step by step
       for c in group:
-        c.times.append(_one_step(c))
+        wall, cpu = _one_step(c)
+        c.times.append(wall)
+        c.cpu_times.append(cpu)
     for c in group:
       _finish(c, device, tokens)
 
@@ -250,7 +262,9 @@ def run(argv: list[str] | None = None) -> dict:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "device": str(device), "device_kind": device.device_kind, "backend": jax.default_backend(),
       "devices_used": 1, "jax": jax.__version__, "flax": flax.__version__,
-      "python": platform.python_version(), "preset": args.preset, "overrides": args.overrides,
+      "python": platform.python_version(), "cpu_count": os.cpu_count(),
+      "machine": platform.machine(), "load_average": list(os.getloadavg()),
+      "preset": args.preset, "overrides": args.overrides,
       "shapes": {"batch": base.data.batch_size, "seq_len": base.data.seq_len,
                  "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
                  "d_ff": m.ff_dim, "vocab_size": m.vocab_size, "n_streams": args.n_streams,
@@ -268,7 +282,8 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def format_table(result: dict) -> str:
-  head = (f"{'remat':<10} {'g':>2} {'kind':<9} {'n':>2} {'step ms':>9} {'tok/s':>10} {'ovh %':>7} "
+  head = (f"{'remat':<10} {'g':>2} {'kind':<9} {'n':>2} {'step ms':>9} {'cpu ms':>9} {'tok/s':>10} "
+          f"{'ovh %':>7} "
           f"{'temp MiB':>9} {'temp %':>7} {'MFU':>6}")
   lines = [f"{result['device_kind']} ({result['backend']}), jax {result['jax']}, "
            f"shapes {result['shapes']}", head]
@@ -276,6 +291,7 @@ def format_table(result: dict) -> str:
   for r in result["results"]:
     lines.append(f"{r['remat']:<10} {fmt(r['remat_group'], '>2')} {r['kind']:<9} {r['n_streams']:>2} "
                  f"{fmt(r['step_time_s'] and 1e3 * r['step_time_s'], '>9.2f')} "
+                 f"{fmt(r['step_cpu_s'] and 1e3 * r['step_cpu_s'], '>9.2f')} "
                  f"{fmt(r['tokens_per_s'], '>10.0f')} "
                  f"{fmt(r['overhead_vs_residual_pct'], '>7.1f')} "
                  f"{fmt(r['temp_bytes'] and r['temp_bytes'] / 2**20, '>9.2f')} "
