@@ -8,9 +8,10 @@
 `implementation`: `xla` is the `mhc_jax.ops` path. `pallas` compiles the kernel for the platform
 (TPU: Mosaic, GPU: Triton) and raises `ConfigError` for an unsupported platform, shape or dtype.
 `interpret` runs the same kernel body in the Pallas interpreter (any platform; tests).
-`auto` is `pallas` on TPU when the inputs are supported (C % 128 == 0, the lane-aligned case) and
-the streams mix in float32, else `xla`: always on CPU, and on GPU until the Triton pre kernel stops
-spilling (see `resolve`).
+`auto` is `pallas` when the streams mix in float32 and C % 128 == 0 on TPU (the lane-aligned case)
+or on GPU for the sizes whose Triton kernels compile for sm_90a without large register spills
+(`gpu_auto_reason`: n <= 4, C % 128 == 0, mHC with eps = 0 and at most 20 Sinkhorn iterations, or
+mHC-lite), else `xla` (always on CPU).
 
 The platform is the active mesh's (`jax.sharding.get_abstract_mesh()`, so an ahead-of-time compile
 for a TPU or GPU topology takes that platform's kernels), else `jax.default_backend()`.
@@ -69,7 +70,34 @@ def unsupported(backend: str | None, x, kind: str = "mhc") -> str | None:
   return None
 
 
-def resolve(implementation: str, x, kind: str = "mhc", field: str = "implementation") -> str:
+GPU_AUTO_MAX_N = 4
+GPU_AUTO_MAX_ITERS = 20
+
+
+def gpu_auto_reason(x, kind: str = "mhc", sinkhorn_eps: float = 0.0,
+                    sinkhorn_iters: int = GPU_AUTO_MAX_ITERS) -> str | None:
+  """Why `auto` keeps XLA on GPU for supported inputs `x [..., n, C]` (None: it takes the kernels).
+
+  Measured by deviceless sm_90a compiles (`mhc_jax.tools.gpu_aot`,
+  experiments/results/h100_aot_pre_kernels_20261203_chunked.json): with the looped feature chunks
+  the pre forward has no spill at C = 2048 / 4096 and the backward a few hundred bytes per thread
+  (the saved Sinkhorn iterates, one [16, W] tile per half step). Wider lanes (n > 4: W = 128), more
+  iterations or the eps > 0 Sinkhorn (autodiff, twice the saved tiles) spill more: XLA.
+  """
+  n, c = x.shape[-2:]
+  if n > GPU_AUTO_MAX_N:
+    return f"n_streams={n} > {GPU_AUTO_MAX_N}"
+  if c % 128:
+    return f"C={c} is not a multiple of 128"
+  if kind == "mhc" and sinkhorn_eps != 0:
+    return "sinkhorn_eps > 0"
+  if kind == "mhc" and sinkhorn_iters > GPU_AUTO_MAX_ITERS:
+    return f"sinkhorn_iters={sinkhorn_iters} > {GPU_AUTO_MAX_ITERS}"
+  return None
+
+
+def resolve(implementation: str, x, kind: str = "mhc", field: str = "implementation", *,
+            sinkhorn_eps: float = 0.0, sinkhorn_iters: int = GPU_AUTO_MAX_ITERS) -> str:
   """`implementation` -> "xla" | "tpu" | "gpu" | "interpret"; raises ConfigError when impossible."""
   check_choice(field, implementation, IMPLEMENTATIONS)
   if implementation in ("xla", "interpret"):
@@ -79,10 +107,9 @@ def resolve(implementation: str, x, kind: str = "mhc", field: str = "implementat
   if implementation == "auto":
     # TPU compiles any C, but stream slices are lane-aligned (fast) only for C % 128 == 0.
     slow = backend == "tpu" and x.shape[-2] > 1 and x.shape[-1] % 128
-    # GPU: the Triton pre kernel spills registers on sm_90a and its phi block outgrows shared
-    # memory from C = 2048 (deviceless H100 compiles, docs/results/kernels.md), so `auto` keeps
-    # XLA on GPU until that kernel is restructured; `pallas` still selects it.
-    return "xla" if (why or slow or backend == "gpu") else backend
+    # GPU: only the sizes whose Triton kernels compile without large spills (gpu_auto_reason).
+    spills = backend == "gpu" and gpu_auto_reason(x, kind, sinkhorn_eps, sinkhorn_iters)
+    return "xla" if (why or slow or spills) else backend
   if why:
     raise ConfigError(f"{field}='pallas' is not available here: {why}; "
                       "use implementation='auto' to fall back to XLA")
@@ -144,7 +171,7 @@ def mhc_pre(x: jax.Array, params: Mapping[str, jax.Array], *, kind: str = "mhc",
   accumulation. `block_tokens`, `max_chunk`, `bf16_passes` tune the kernel (tests, benchmarks).
   """
   _check_kind(kind)
-  impl = resolve(implementation, x, kind)
+  impl = resolve(implementation, x, kind, sinkhorn_eps=sinkhorn_eps, sinkhorn_iters=sinkhorn_iters)
   spec = _map_spec(kind, x.shape[-2], sinkhorn_iters, sinkhorn_eps, norm_eps, pre_eps)
   if impl == "xla" or x.size == 0:
     hs = _xla_mappings(spec, x, params)
@@ -342,8 +369,9 @@ def site_ops(cfg: ConnectionConfig, x, x_spec: P | None = None) -> SiteOps:
     return SiteOps("xla", None, acc, hc_norm_eps=cfg.norm_eps)
   spec = _map_spec(cfg.kind, x.shape[-2], cfg.sinkhorn_iters, cfg.sinkhorn_eps, cfg.norm_eps,
                    cfg.pre_eps)
-  impl = "xla" if cfg.mix_dtype != "float32" else resolve(cfg.implementation, x, cfg.kind,
-                                                          "connection.implementation")
+  impl = "xla" if cfg.mix_dtype != "float32" else resolve(
+      cfg.implementation, x, cfg.kind, "connection.implementation",
+      sinkhorn_eps=cfg.sinkhorn_eps, sinkhorn_iters=cfg.sinkhorn_iters)
   if impl == "xla" or x.size == 0:
     return SiteOps("xla", spec, acc)
   return SiteOps(impl, spec, acc, _mesh_spec(x, x_spec))

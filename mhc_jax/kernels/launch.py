@@ -6,11 +6,13 @@ the feature chunking differ:
              lane-aligned when C % 128 == 0).
   gpu:       bt = 16 (power of two, masked tail; the smallest M of a Triton `dot`), 8 warps,
              power-of-two feature chunks (C % 16 == 0) of at most `gpu_max_chunk(...)` features:
-             256 (pre, 2-byte x) / 128 (pre, float32 x; post, n <= 4) / 64 (post, n > 4) so that
-             one chunk's tiles of every live stream fit the 255 registers of a thread and the pre
-             kernel's `dot` operands fit shared memory. Checked by compiling for an H100 without a GPU (`mhc_jax.tools.h100`,
-             experiments/results/h100_aot_*.json): 1024-feature chunks needed 256-768 KiB of shared
-             memory (the H100 has 227 KiB per block) and spilled.
+             128 (pre; post, n <= 4) / 64 (post, n > 4). The pre kernel loops over equal chunks
+             (`lax.fori_loop`, `pre.loop_chunk`), so its tiles do not grow with C; the post kernel
+             unrolls its chunks. Checked by compiling for an H100 without a GPU
+             (`mhc_jax.tools.h100`, experiments/results/h100_aot_*.json): 1024-feature chunks
+             needed 256-768 KiB of shared memory (the H100 has 227 KiB per block) and spilled; the
+             looped pre kernel at 128 features: no spill forward, the least backward spill (256
+             features: more registers forward, more spill backward).
   interpret: HLO interpreter on any platform (tests), TPU-style blocks unless `max_chunk` is given.
 """
 from __future__ import annotations
@@ -70,9 +72,12 @@ GPU_NUM_STAGES = 2
 
 def gpu_max_chunk(itemsize: int, pre: bool, n: int = 4) -> int:
   """Largest feature chunk of a GPU kernel (see the module doc; measured on sm_90a). The post
-  backward keeps 2n + 3 chunk tiles live: n = 8 at 128 features spilled 496 B per thread."""
+  backward keeps 2n + 3 chunk tiles live: n = 8 at 128 features spilled 496 B per thread. The
+  looped pre kernel at n = 4, C = 2048, bf16: 256-feature chunks forward 237 registers, backward
+  304 B spill; 128: forward 128 registers, backward 208 B (`itemsize` kept for callers)."""
+  del itemsize
   if pre:
-    return 256 if itemsize <= 2 else 128
+    return 128
   return 128 if n <= 4 else 64
 
 

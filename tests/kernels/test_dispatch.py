@@ -67,5 +67,12 @@ def test_pallas_on_a_supported_platform_uses_the_kernel(monkeypatch):
   monkeypatch.setattr(api, "platform_backend", lambda: "gpu")
   with pytest.raises(ConfigError, match="C=200"):
     resolve("pallas", _x(c=200))
-  # GPU: explicit pallas takes the Triton kernels; auto keeps XLA while the pre kernel spills.
-  assert resolve("pallas", _x()) == "gpu" and resolve("auto", _x()) == "xla"
+  # GPU: explicit pallas takes the Triton kernels (C % 16 == 0); auto only where the sm_90a
+  # compiles show no large spills (n <= 4, C % 128 == 0, eps = 0, <= 20 Sinkhorn iterations).
+  assert resolve("pallas", _x()) == "gpu" and resolve("auto", _x()) == "gpu"
+  assert resolve("auto", _x(dtype=jnp.bfloat16), "mhc_lite") == "gpu"
+  assert resolve("pallas", _x(n=3, c=48)) == "gpu" and resolve("auto", _x(n=3, c=48)) == "xla"
+  assert resolve("pallas", _x(n=8)) == "gpu" and resolve("auto", _x(n=8)) == "xla"
+  assert resolve("auto", _x(), sinkhorn_eps=1e-6) == "xla"
+  assert resolve("auto", _x(), sinkhorn_iters=40) == "xla"
+  assert resolve("auto", _x(), sinkhorn_iters=20) == "gpu"
