@@ -1,0 +1,95 @@
+"""DeepSeekMoE feed-forward layer as a Linen module: a thin parameter holder over `mhc_jax.ops.moe`.
+
+Variables:
+  params     router [C, E] ("embed", None: every token needs all E affinities, so it is not split
+             over experts), gate/up [E, C, F] ("experts", "embed", "mlp"), down [E, F, C]
+             ("experts", "mlp", "embed"), and with shared experts shared_gate/shared_up [C, S·F]
+             ("embed", "mlp"), shared_down [S·F, C] ("mlp", "embed").
+  moe_state  bias [E] ("experts"): the auxiliary-loss-free balance bias. Not a param, so the
+             optimizer never sees it; a training step updates it with `update_balance_bias`.
+  intermediates (sown)  counts [E], load [E] (fraction of the T·k assignments per expert) and, when
+             `seq_aux_weight > 0`, seq_aux_loss (a scalar to add to the training loss).
+
+Input `[..., T, C]` (e.g. `[B, T, C]`): all tokens are routed together; the sequence-wise loss is per
+sequence (the second-to-last axis).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax import traverse_util
+
+from mhc_jax.config.moe import MoEConfig
+from mhc_jax.ops.moe import balance_bias_update, moe_ffn, sequence_balance_loss
+
+STATE = "moe_state"
+
+
+class MoE(nn.Module):
+  config: MoEConfig
+  init_std: float = 0.02
+  out_std: float = 0.02
+  dtype: Any = jnp.float32
+  implementation: str = "ragged"
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    C = x.shape[-1]
+    E, F = cfg.n_routed, cfg.d_expert
+
+    def param(name, shape, axes, std):
+      init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+      return self.param(name, init, shape, jnp.float32)
+
+    params = {
+        "router": param("router", (C, E), ("embed", None), self.init_std),
+        "gate": param("gate", (E, C, F), ("experts", "embed", "mlp"), self.init_std),
+        "up": param("up", (E, C, F), ("experts", "embed", "mlp"), self.init_std),
+        "down": param("down", (E, F, C), ("experts", "mlp", "embed"), self.out_std),
+    }
+    if cfg.n_shared:
+      S = cfg.n_shared * F
+      params["shared_gate"] = param("shared_gate", (C, S), ("embed", "mlp"), self.init_std)
+      params["shared_up"] = param("shared_up", (C, S), ("embed", "mlp"), self.init_std)
+      params["shared_down"] = param("shared_down", (S, C), ("mlp", "embed"), self.out_std)
+    bias = self.variable(STATE, "bias",
+                         lambda: nn.Partitioned(jnp.zeros((E,), jnp.float32), names=("experts",)))
+    params["bias"] = nn.unbox(bias.value)
+    params = {k: nn.unbox(v) for k, v in params.items()}
+
+    lead = x.shape[:-1]
+    y_TC, stats = moe_ffn(x.reshape(-1, C), params, top_k=cfg.top_k,
+                          routed_scale=cfg.routed_scale, dtype=self.dtype,
+                          implementation=self.implementation)
+    self.sow("intermediates", "counts", stats["counts"])
+    self.sow("intermediates", "load", stats["load"])
+    if cfg.seq_aux_weight > 0:
+      T = lead[-1] if lead else 1
+      aff = stats["affinity"].reshape(-1, T, E)
+      ids = stats["expert_ids"].reshape(-1, T, cfg.top_k)
+      self.sow("intermediates", "seq_aux_loss",
+               sequence_balance_loss(aff, ids, alpha=cfg.seq_aux_weight))
+    return y_TC.reshape(*lead, C)
+
+
+def update_balance_bias(moe_state, intermediates, gamma: float):
+  """New `moe_state` after one auxiliary-loss-free step: every `.../bias` moves by
+  `gamma · sign(mean(load) − load)` with the `load` sown beside it in `intermediates` (the sown tuple
+  of one call; several calls are summed). Boxed (logically partitioned) biases stay boxed."""
+  inter = traverse_util.flatten_dict(nn.unbox(intermediates))
+  flat = traverse_util.flatten_dict(moe_state)
+  out = {}
+  for path, b in flat.items():
+    if path[-1] != "bias":
+      out[path] = b
+      continue
+    sown = inter[path[:-1] + ("load",)]
+    load = sum(sown[1:], sown[0]) if isinstance(sown, tuple) else sown
+    if isinstance(b, nn.Partitioned):
+      out[path] = b.replace_boxed(balance_bias_update(b.value, load, gamma))
+    else:
+      out[path] = balance_bias_update(b, load, gamma)
+  return traverse_util.unflatten_dict(out)

@@ -1,0 +1,148 @@
+"""DeepSeekMoE feed-forward layer (DeepSeek-V3, arXiv 2412.19437 §2.1.2), as pure functions.
+
+For a token x (row of `x_TC`), routed experts e = 0..E-1 and shared experts:
+
+    s_e   = sigmoid(x · W_r[:, e])                          affinity, float32            (V3 Eq. 15)
+    K     = TopK_k(s_e + b_e)                               b: balance bias, selection only (Eq. 16)
+    g_e   = routed_scale · s_e / Σ_{j∈K} s_j   for e ∈ K, else 0                         (Eq. 13)
+    FFN_e(x) = (silu(x W_gate[e]) ⊙ (x W_up[e])) W_down[e]                         SwiGLU expert
+    y     = Σ_{e∈K} g_e FFN_e(x) + FFN_shared(x)                                           (Eq. 12)
+
+`FFN_shared` is one dense SwiGLU of width n_shared·F (the n_shared shared experts side by side: the
+sum of n_shared SwiGLUs of width F equals one SwiGLU of width n_shared·F with stacked weights).
+
+Dropless dispatch (`implementation="ragged"`): the T·k (token, expert) pairs are sorted by expert,
+the tokens gathered into one [T·k, C] slab in expert order, each weight applied as ONE grouped matmul
+`jax.lax.ragged_dot(slab, W[E, ...], group_sizes[E])`, the rows scaled by their gate and
+scatter-added back to their token. No capacity factor: every token gets exactly its k experts.
+`implementation="dense"` computes every expert for every token and masks by the gates (the same
+result, E/k times the FLOPs; a reference and a fallback for tiny E).
+
+Auxiliary-loss-free balancing (V3 §2.1.2): after each step, with load_e the tokens routed to e,
+    b_e ← b_e + γ · sign(mean(load) − load_e)                 (`balance_bias_update`, not a gradient)
+Complementary sequence-wise balance loss (V3 Eqs. 17–20), per sequence of T tokens:
+    f_i = E / (k·T) · Σ_t 1[i ∈ K_t],   P_i = 1/T · Σ_t s_{i,t} / Σ_j s_{j,t},   L = α Σ_i f_i P_i
+
+Params (a dict; float32): `router [C, E]`, `gate [E, C, F]`, `up [E, C, F]`, `down [E, F, C]`,
+optional `bias [E]` (zeros when absent) and, when there are shared experts, `shared_gate [C, S·F]`,
+`shared_up [C, S·F]`, `shared_down [S·F, C]`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLEMENTATIONS = ("ragged", "dense")
+
+
+def route(x_TC, w_router_CE, bias_E, *, top_k: int, routed_scale: float = 1.0):
+  """DeepSeek-V3 routing. Returns `(expert_ids [T, k] int32, weights [T, k] f32, affinity [T, E] f32)`.
+
+  affinity `s = sigmoid(x @ W_r)` in float32; the k experts with the largest `s + bias` are chosen
+  (the bias gets no gradient and never enters the gates); `weights = routed_scale · s_K / Σ s_K`
+  over the chosen experts, ordered as `expert_ids` (descending `s + bias`).
+  """
+  logits_TE = jnp.dot(x_TC.astype(jnp.float32), w_router_CE.astype(jnp.float32),
+                      precision=lax.Precision.HIGHEST)
+  affinity_TE = jax.nn.sigmoid(logits_TE)
+  score_TE = lax.stop_gradient(affinity_TE + bias_E.astype(jnp.float32))
+  _, expert_ids_Tk = lax.top_k(score_TE, top_k)
+  chosen_Tk = jnp.take_along_axis(affinity_TE, expert_ids_Tk, axis=-1)
+  weights_Tk = routed_scale * chosen_Tk / jnp.sum(chosen_Tk, axis=-1, keepdims=True)
+  return expert_ids_Tk.astype(jnp.int32), weights_Tk, affinity_TE
+
+
+def _swiglu(x, w_gate, w_up, w_down, dtype):
+  h = jax.nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
+  return h @ w_down.astype(dtype)
+
+
+def _routed_ragged(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
+  T, k = expert_ids_Tk.shape
+  E = params["gate"].shape[0]
+  flat_e = expert_ids_Tk.reshape(-1)                               # pair p = t·k + j
+  order_M = jnp.argsort(flat_e, stable=True)                       # pairs in expert order
+  token_M = order_M // k
+  group_sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+  xs_MC = x_TC.astype(dtype)[token_M]
+
+  def gmm(lhs, w):
+    return lax.ragged_dot(lhs, w.astype(dtype), group_sizes_E)
+
+  h_MF = jax.nn.silu(gmm(xs_MC, params["gate"])) * gmm(xs_MC, params["up"])
+  ys_MC = gmm(h_MF, params["down"])
+  gate_M = weights_Tk.reshape(-1)[order_M]
+  contrib_MC = ys_MC.astype(jnp.float32) * gate_M[:, None]
+  return jnp.zeros((T, x_TC.shape[-1]), jnp.float32).at[token_M].add(contrib_MC)
+
+
+def _routed_dense(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
+  E = params["gate"].shape[0]
+  combine_TE = jnp.sum(jax.nn.one_hot(expert_ids_Tk, E, dtype=jnp.float32)
+                       * weights_Tk[..., None], axis=1)
+  xd = x_TC.astype(dtype)
+  h_ETF = (jax.nn.silu(jnp.einsum("tc,ecf->etf", xd, params["gate"].astype(dtype)))
+           * jnp.einsum("tc,ecf->etf", xd, params["up"].astype(dtype)))
+  y_ETC = jnp.einsum("etf,efc->etc", h_ETF, params["down"].astype(dtype))
+  return jnp.einsum("etc,te->tc", y_ETC.astype(jnp.float32), combine_TE)
+
+
+def moe_ffn(x_TC, params, *, top_k: int, routed_scale: float = 1.0, dtype=None,
+            implementation: str = "ragged"):
+  """DeepSeekMoE FFN on tokens `x_TC` → `(y_TC, stats)` (see the module docstring for the math).
+
+  dtype: matmul dtype of the experts (default: x's dtype); routing and the gated combine run in
+  float32. implementation: "ragged" (sorted dispatch + `lax.ragged_dot`, dropless) or "dense".
+  stats: `counts [E]` int32 tokens per expert, `load [E]` = counts / (T·k), and the routing
+  `expert_ids [T, k]`, `weights [T, k]`, `affinity [T, E]` (for `sequence_balance_loss`).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}")
+  dtype = jnp.dtype(dtype or x_TC.dtype)
+  T = x_TC.shape[0]
+  E = params["gate"].shape[0]
+  bias_E = params.get("bias")
+  if bias_E is None:
+    bias_E = jnp.zeros((E,), jnp.float32)
+  expert_ids_Tk, weights_Tk, affinity_TE = route(x_TC, params["router"], bias_E, top_k=top_k,
+                                                 routed_scale=routed_scale)
+  routed = _routed_ragged if implementation == "ragged" else _routed_dense
+  y_TC = routed(x_TC, params, expert_ids_Tk, weights_Tk, dtype)
+  if params.get("shared_gate") is not None:
+    y_TC = y_TC + _swiglu(x_TC.astype(dtype), params["shared_gate"], params["shared_up"],
+                          params["shared_down"], dtype).astype(jnp.float32)
+  counts_E = jnp.bincount(expert_ids_Tk.reshape(-1), length=E).astype(jnp.int32)
+  stats = {"counts": counts_E, "load": counts_E.astype(jnp.float32) / (T * top_k),
+           "expert_ids": expert_ids_Tk, "weights": weights_Tk, "affinity": affinity_TE}
+  return y_TC.astype(x_TC.dtype), stats
+
+
+def balance_bias_update(bias_E, load_E, gamma):
+  """Auxiliary-loss-free balancing step: `bias + gamma · sign(mean(load) − load)`.
+
+  Overloaded experts (load above the mean) lose gamma, underloaded ones gain gamma, experts at the
+  mean keep their bias. `load` may be counts or fractions (same signs); any leading dims (e.g. a
+  scanned layer axis) are kept, the mean is over the last axis. Not a gradient: apply it outside
+  the optimizer.
+  """
+  load = jnp.asarray(load_E, jnp.float32)
+  delta = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+  return (bias_E + gamma * delta).astype(bias_E.dtype)
+
+
+def sequence_balance_loss(affinity_TE, expert_ids_Tk, *, alpha: float):
+  """DeepSeek-V3's complementary sequence-wise balance loss `alpha · Σ_i f_i P_i` (Eqs. 17–20).
+
+  Per sequence (the second-to-last axis is the sequence's T tokens; leading axes are sequences and
+  the result is their mean): `f_i = E/(k·T) · #{t : i chosen for t}` (no gradient) and
+  `P_i = mean_t s_{i,t} / Σ_j s_{j,t}`. Perfect balance with uniform affinities gives `alpha`.
+  """
+  E = affinity_TE.shape[-1]
+  k = expert_ids_Tk.shape[-1]
+  T = affinity_TE.shape[-2]
+  chosen = jnp.sum(jax.nn.one_hot(expert_ids_Tk, E, dtype=jnp.float32), axis=-2)   # [..., T, E]
+  f_E = lax.stop_gradient(jnp.sum(chosen, axis=-2) * (E / (k * T)))
+  s = affinity_TE.astype(jnp.float32)
+  p_E = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=-2)
+  return alpha * jnp.mean(jnp.sum(f_E * p_E, axis=-1))
