@@ -77,8 +77,8 @@ class MoE(nn.Module):
 
 def update_balance_bias(moe_state, intermediates, gamma: float):
   """New `moe_state` after one auxiliary-loss-free step: every `.../bias` moves by
-  `gamma · sign(mean(load) − load)` with the `load` sown beside it in `intermediates` (the sown tuple
-  of one call; several calls are summed). Boxed (logically partitioned) biases stay boxed."""
+  `gamma · sign(mean(load) − load)` with the `counts` (else `load`) sown beside it in `intermediates`
+  (the sown tuple of one call; several calls are summed). Boxed (logically partitioned) biases stay boxed."""
   inter = traverse_util.flatten_dict(nn.unbox(intermediates))
   flat = traverse_util.flatten_dict(moe_state)
   out = {}
@@ -86,7 +86,8 @@ def update_balance_bias(moe_state, intermediates, gamma: float):
     if path[-1] != "bias":
       out[path] = b
       continue
-    sown = inter[path[:-1] + ("load",)]
+    key = path[:-1] + ("counts",)                  # integer counts: exact at the mean
+    sown = inter[key if key in inter else path[:-1] + ("load",)]
     load = sum(sown[1:], sown[0]) if isinstance(sown, tuple) else sown
     if isinstance(b, nn.Partitioned):
       out[path] = b.replace_boxed(balance_bias_update(b.value, load, gamma))

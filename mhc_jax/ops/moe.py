@@ -13,8 +13,9 @@ sum of n_shared SwiGLUs of width F equals one SwiGLU of width n_shared·F with s
 
 Dropless dispatch (`implementation="ragged"`): the T·k (token, expert) pairs are sorted by expert,
 the tokens gathered into one [T·k, C] slab in expert order, each weight applied as ONE grouped matmul
-`jax.lax.ragged_dot(slab, W[E, ...], group_sizes[E])`, the rows scaled by their gate and
-scatter-added back to their token. No capacity factor: every token gets exactly its k experts.
+`jax.lax.ragged_dot(slab, W[E, ...], group_sizes[E])`, the rows put back in (token, slot) order by
+the inverse permutation and summed over the k slots with their gates (the same as a scatter-add to
+the tokens, without a scatter). No capacity factor: every token gets exactly its k experts.
 `implementation="dense"` computes every expert for every token and masks by the gates (the same
 result, E/k times the FLOPs; a reference and a fallback for tiny E).
 
@@ -72,9 +73,11 @@ def _routed_ragged(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
 
   h_MF = jax.nn.silu(gmm(xs_MC, params["gate"])) * gmm(xs_MC, params["up"])
   ys_MC = gmm(h_MF, params["down"])
-  gate_M = weights_Tk.reshape(-1)[order_M]
-  contrib_MC = ys_MC.astype(jnp.float32) * gate_M[:, None]
-  return jnp.zeros((T, x_TC.shape[-1]), jnp.float32).at[token_M].add(contrib_MC)
+  # back to token order: row p of the unsorted slab is pair p = t·k + j (the inverse permutation
+  # turns the scatter-add into a gather plus a k-term sum: deterministic, no scatter)
+  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+  ys_TkC = ys_MC[inverse_M].reshape(T, k, -1).astype(jnp.float32)
+  return jnp.einsum("tkc,tk->tc", ys_TkC, weights_Tk)
 
 
 def _routed_dense(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
