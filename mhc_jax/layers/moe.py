@@ -56,7 +56,8 @@ class MoE(nn.Module):
       params["shared_up"] = param("shared_up", (C, S), ("embed", "mlp"), self.init_std)
       params["shared_down"] = param("shared_down", (S, C), ("mlp", "embed"), self.out_std)
     bias = self.variable(STATE, "bias",
-                         lambda: nn.Partitioned(jnp.zeros((E,), jnp.float32), names=("experts",)))
+                         lambda: nn.LogicallyPartitioned(jnp.zeros((E,), jnp.float32),
+                                                         names=("experts",)))
     params["bias"] = nn.unbox(bias.value)
     params = {k: nn.unbox(v) for k, v in params.items()}
 
