@@ -28,7 +28,7 @@ def test_loop_chunk(backend, c, max_chunk, want):
 def test_gpu_cfg_loops_over_chunks():
   """`make_cfg("gpu", ...)` gives the looped form with the measured chunk sizes."""
   spec = block.MapSpec("mhc", 4)
-  for dtype, s in ((jnp.bfloat16, 256), (jnp.float32, 128)):
+  for dtype, s in ((jnp.bfloat16, 128), (jnp.float32, 128)):
     cfg = launch.make_cfg("gpu", 4, 4096, dtype, 1024, spec=spec)
     assert loop_chunk(cfg) == s and cfg.c // s == 4096 // s
 
