@@ -6,56 +6,15 @@
 """
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mhc_jax import ops
+from mhc_jax import ops, remat
 from mhc_jax.config import ModelConfig, compute_dtype
 from mhc_jax.layers.block import STREAM_AXES, Block
-from mhc_jax.layers.connection import BRANCH_OUT, COEFFS, CollapseHead
+from mhc_jax.layers.connection import CollapseHead
 from mhc_jax.layers.norm import RMSNorm
-
-_REMAT_POLICIES = {
-    "full": None,   # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # "mhc_paper" is not a per-block policy: see `mhc_paper_policy` and `LM._grouped_blocks`.
-}
-
-
-def mhc_paper_group(n_streams: int, n_layers: int) -> int:
-  """Blocks per recompute group for remat="mhc_paper" (mHC paper Eq. 20).
-
-  The paper's L counts mHC-wrapped layers, i.e. sublayers (attention and MLP each): S = 2L here.
-  Per token, a group of S_r sublayers stores its input streams (nC) and holds (n+2)C per sublayer
-  while it is recomputed, so we take the exact integer optimum over whole blocks g (S_r = 2g):
-      g* = argmin_g  n * ceil(L / g) + (n + 2) * 2g        (~ sqrt(nS/(n+2)) / 2 blocks)
-  """
-  cost = lambda g: n_streams * math.ceil(n_layers / g) + (n_streams + 2) * 2 * g  # noqa: E731
-  return min(range(1, n_layers + 1), key=cost)
-
-
-def mhc_paper_policy(n_streams: int):
-  """Saveable values inside a recompute group (Eq. 20 / Table 3 of the mHC paper).
-
-  Saved: each sublayer's branch output `y` and mapping coefficients (`checkpoint_name`s in
-  `layers/connection.py`), and every matmul output of the attention / MLP branches (so the backward
-  pass never recomputes them) and of the small mapping projection `x phi`. Not saved: the stream
-  states, `H_pre x` and `RMSNorm(H_pre x)`, i.e. everything else; the stream-mixing contractions
-  (batched dots contracting only over the n-sized stream axis) are excluded from the saved matmuls.
-  """
-  names = jax.checkpoint_policies.save_only_these_names(BRANCH_OUT, COEFFS)
-
-  def policy(prim, *avals, **params):
-    if prim is jax.lax.dot_general_p:
-      (lhs_c, _), (lhs_b, _) = params["dimension_numbers"]
-      stream_mix = bool(lhs_b) and all(avals[0].shape[d] == n_streams for d in lhs_c)
-      return not stream_mix
-    return names(prim, *avals, **params)
-  return policy
-
 
 class LM(nn.Module):
   """`apply(variables, tokens [B, T] int) -> logits [B, T, V] float32`."""
@@ -73,8 +32,8 @@ class LM(nn.Module):
     x_BTnC = nn.with_logical_constraint(ops.expand_streams(h_BTC, cfg.connection.n), STREAM_AXES)
 
     block = Block
-    if cfg.remat in _REMAT_POLICIES:
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.remat in remat.POLICIES:
+      block = nn.remat(Block, policy=remat.POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     grouped = (cfg.remat == "mhc_paper" and not self.decode and not self.is_initializing()
                and not self.is_mutable_collection("intermediates"))
     if grouped:   # training / plain forward: parameters exist, run the recompute groups
@@ -103,16 +62,21 @@ class LM(nn.Module):
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def _grouped_blocks(self, x_BTnC, dtype):
-    """remat="mhc_paper": the L blocks run in recompute groups of g blocks (`mhc_paper_group`), each
-    a `jax.checkpoint` with `mhc_paper_policy`; the streams are stored only at group boundaries.
+    """remat="mhc_paper": the L blocks run in recompute groups of g blocks (`remat.mhc_paper_group`),
+    each a `jax.checkpoint` with `remat.mhc_paper_policy`; the streams are stored only at group
+    boundaries. With `scan_layers` the full groups run in a `lax.scan`, a shorter last group after it.
 
-    Uses the same parameters as the plain stack (`blocks/...` stacked over L, or `block_<l>`);
-    with `scan_layers` the full groups run in a `lax.scan`, a shorter last group after it.
+    Why init and the diagnostics forward take the plain stack instead: the parameter layout is fixed
+    (`blocks/...` stacked over L, or `block_<l>`; DESIGN.md), and a group of g blocks inside a scan
+    over L/g groups would need `[L/g, g, ...]` parameters. So the groups apply `Block` by hand to
+    slices of the existing parameters, which needs them to exist (not at init), and sow nothing
+    (not the diagnostics). `Block`'s layer index only chooses initial values, so the groups pass 0;
+    tests/test_recompute.py checks that the grouped and plain forwards and gradients agree.
     """
     cfg = self.cfg
     n_layers = cfg.n_layers
-    g = cfg.remat_group or mhc_paper_group(cfg.connection.n, n_layers)
-    policy = mhc_paper_policy(cfg.connection.n)
+    g = cfg.remat_group or remat.mhc_paper_group(cfg.connection.n, n_layers)
+    policy = remat.mhc_paper_policy(cfg.connection.n)
     params = nn.meta.unbox(self.variables["params"])
 
     def run_group(x, layer_params, layers):
@@ -169,9 +133,8 @@ def collect_mappings(intermediates, cfg: ModelConfig) -> dict[str, jax.Array]:
   return out
 
 
-def init_cache(cfg: ModelConfig, params, batch_size: int):
+def init_cache(cfg: ModelConfig, batch_size: int):
   """Zero KV cache for `LM(cfg, decode=True)` (capacity `cfg.max_seq_len`)."""
-  del params   # the cache shape depends only on the config
   shapes = jax.eval_shape(lambda: LM(cfg, decode=True).init(
       jax.random.PRNGKey(0), jnp.zeros((batch_size, 1), jnp.int32)))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

@@ -137,7 +137,7 @@ def test_kv_cache_decode_equals_full_forward(collapse):
   tok = _tokens(2, 10)
   params = _init(cfg, tok)
   full = LM(cfg).apply({"params": params}, tok)
-  cache = init_cache(cfg, params, 2)
+  cache = init_cache(cfg, 2)
   outs = []
   for chunk in (tok[:, :4], tok[:, 4:5], tok[:, 5:10]):
     logits, mut = LM(cfg, decode=True).apply({"params": params, "cache": cache}, chunk, mutable=["cache"])

@@ -11,7 +11,8 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 from mhc_jax.config import ConfigError, ConnectionConfig, ModelConfig
-from mhc_jax.model import LM, collect_mappings, mhc_paper_group
+from mhc_jax.model import LM, collect_mappings
+from mhc_jax.remat import mhc_paper_group
 
 B, T, C = 2, 8, 16
 

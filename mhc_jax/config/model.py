@@ -27,8 +27,8 @@ class ConnectionConfig:
   init: mHC/mHC-lite initial parameters; see `mhc_jax.layers.init` for the presets.
   sinkhorn_eps / pre_eps / mix_dtype: 0, 0, "float32" for the paper; `dsv4()` for DeepSeek-V4.
   implementation: stream-op backend (`auto|xla|pallas|interpret`, see `mhc_jax.kernels`). `auto`
-    takes the Pallas kernels on TPU where they support the shape and dtype, else XLA (CPU, and GPU
-    until the Triton pre kernel stops spilling: see `mhc_jax.kernels.api.resolve`);
+    takes the Pallas kernels on TPU and GPU where they support the shape, dtype and numerics, else
+    XLA (always on CPU; the rules: `mhc_jax.kernels.api.resolve`);
     `pallas` / `interpret` need kind mhc or mhc_lite and `mix_dtype="float32"`.
   """
   kind: str = "mhc"

@@ -20,7 +20,7 @@ from flax import nnx
 from mhc_jax import ops
 from mhc_jax.config import ConfigError, ModelConfig, compute_dtype
 from mhc_jax.layers.connection import STREAM_AXES
-from mhc_jax.model import _REMAT_POLICIES, mhc_paper_group, mhc_paper_policy
+from mhc_jax.remat import POLICIES, mhc_paper_group, mhc_paper_policy
 from mhc_jax.nnx.connection import MAPPINGS, CollapseHead, Connection
 from mhc_jax.nnx.layers import MLP, Attention, Kernel, _normal
 from mhc_jax.nnx.norm import RMSNorm, param
@@ -116,7 +116,7 @@ class LM(nnx.Module):
 
   def _blocks(self, x, decode, record):
     """Run the L blocks (unrolled or `lax.scan`) with the remat policy, in recompute groups for
-    remat="mhc_paper" (`mhc_jax.model.mhc_paper_group`); returns `(x, mappings)`."""
+    remat="mhc_paper" (`mhc_jax.remat.mhc_paper_group`); returns `(x, mappings)`."""
     cfg = self.cfg
     if cfg.scan_layers:
       graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
@@ -138,7 +138,7 @@ class LM(nnx.Module):
       g = cfg.remat_group or mhc_paper_group(cfg.connection.n, cfg.n_layers)
       policy = mhc_paper_policy(cfg.connection.n)
     else:
-      g, policy = 1, _REMAT_POLICIES.get(policy_name)
+      g, policy = 1, POLICIES.get(policy_name)
 
     def group(x, group_states):
       caches, maps = [], []

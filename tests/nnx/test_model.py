@@ -119,7 +119,7 @@ def test_decode_matches_linen_and_full_forward(scan):
   params, tok = _linen_params(cfg), _tokens(t=5)
   model = mnnx.from_linen_params(mnnx.LM(cfg, rngs=nnx.Rngs(0)), params)
   model.init_cache(tok.shape[0])
-  cache = linen_model.init_cache(cfg, params, tok.shape[0])
+  cache = linen_model.init_cache(cfg, tok.shape[0])
   lin = jax.jit(lambda c, t: linen_model.LM(cfg, decode=True).apply(
       {"params": params, "cache": c}, t, mutable=["cache"]))
   nnx_step = nnx.jit(lambda m, t: m(t, decode=True))
