@@ -201,7 +201,6 @@ def mapping(spec: MapSpec, z, vecs, mat0, mat1):
   n = spec.n
   g_row, g_col = mat0, mat1
   cols = [row(vecs, 8 + j) > 0 for j in range(n)]
-  rows = [row(vecs, 16 + i) > 0 for i in range(n)]
   eps = spec.sinkhorn_eps
   if eps == 0:
     f = jnp.where(res_in, z, 0.0)
@@ -273,23 +272,3 @@ def mapping_vjp(spec: MapSpec, z, vecs, mat0, mat1):
     return (dz + jnp.where(res_in, d, 0.0),)
 
   return h, vjp
-
-
-def _log_sinkhorn_iterates(n, iters, f, vecs, g_col, g_row):
-  """The log-domain iterates `[f_1, ..., f_2iters]` (T_c, T_r alternating) of `f_0 = f`."""
-  res_in = row(vecs, 2) > 0
-  cols = [row(vecs, 8 + j) > 0 for j in range(n)]
-  rows = [row(vecs, 16 + i) > 0 for i in range(n)]
-
-  def lse(f, g, groups):
-    mx = _group_max(f, groups)
-    total = _dot(jnp.where(res_in, jnp.exp(f - mx), 0.0), g)
-    return jnp.where(res_in, jnp.log(jnp.where(res_in, total, 1.0)) + mx, 0.0)
-
-  out = []
-  for _ in range(iters):
-    f = f - lse(f, g_col, cols)                                      # T_c
-    out.append(f)
-    f = f - lse(f, g_row, rows)                                      # T_r (rows exact)
-    out.append(f)
-  return out

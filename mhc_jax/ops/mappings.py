@@ -79,13 +79,29 @@ def _check_packed(name: str, x: jax.Array, params: Mapping[str, jax.Array], widt
   n, c = x.shape[-2:]
   if axis is not None:
     c *= jax.lax.axis_size(axis)
-  want = {"phi": (n * c, width), "b": (width,), "alpha": (3,)}
+  _check_shapes(name, params, {"phi": (n * c, width), "b": (width,), "alpha": (3,)}, n, c)
+
+
+def _check_shapes(name: str, params: Mapping[str, jax.Array], want: dict, n: int, c: int):
+  """ValueError naming the mapping and the key when `params` lacks a key or has a wrong shape."""
   for key, shape in want.items():
     if key not in params:
-      raise ValueError(f"{name}: params is missing {key!r} (needs phi, b, alpha)")
+      raise ValueError(f"{name}: params is missing {key!r} (needs {', '.join(want)})")
     if tuple(params[key].shape) != shape:
       raise ValueError(f"{name}: params[{key!r}] has shape {tuple(params[key].shape)}, "
                        f"expected {shape} for n={n}, C={c}")
+
+
+def _packed_gates(x, params, width: int, norm_eps: float, pre_eps: float, axis, name: str):
+  """`(H_pre, H_post, res)` of a packed `{phi, b, alpha}` site: the gates and the residual logits
+  `alpha_res * h[2n:] + b[2n:]` that `H_res` is built from (Sinkhorn, or the permutation weights)."""
+  n = x.shape[-2]
+  _check_packed(name, x, params, width, axis)
+  b = params["b"].astype(jnp.float32)
+  alpha = params["alpha"].astype(jnp.float32)
+  logits = projected_logits(x, params["phi"], norm_eps, axis)
+  h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
+  return h_pre, h_post, alpha[2] * logits[..., 2 * n:] + b[2 * n:]
 
 
 def mhc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, sinkhorn_iters: int = 20,
@@ -97,12 +113,8 @@ def mhc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, sinkhorn_iter
   the mappings come out whole on every shard.
   """
   n = x.shape[-2]
-  _check_packed("mhc_mappings", x, params, mhc_width(n), axis)
-  b = params["b"].astype(jnp.float32)
-  alpha = params["alpha"].astype(jnp.float32)
-  logits = projected_logits(x, params["phi"], norm_eps, axis)
-  h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
-  res = alpha[2] * logits[..., 2 * n:] + b[2 * n:]
+  h_pre, h_post, res = _packed_gates(x, params, mhc_width(n), norm_eps, pre_eps, axis,
+                                     "mhc_mappings")
   h_res = sinkhorn(res.reshape(*res.shape[:-1], n, n), iters=sinkhorn_iters, eps=sinkhorn_eps,
                    backward=sinkhorn_backward)
   return h_pre, h_post, h_res
@@ -115,31 +127,20 @@ def mhc_lite_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, norm_eps
   `axis`: as in `mhc_mappings`.
   """
   n = x.shape[-2]
-  _check_packed("mhc_lite_mappings", x, params, mhc_lite_width(n), axis)
-  b = params["b"].astype(jnp.float32)
-  alpha = params["alpha"].astype(jnp.float32)
-  logits = projected_logits(x, params["phi"], norm_eps, axis)
-  h_pre, h_post = _pre_post(logits, b, alpha, n, pre_eps)
-  weights = jax.nn.softmax(alpha[2] * logits[..., 2 * n:] + b[2 * n:], axis=-1)
+  h_pre, h_post, res = _packed_gates(x, params, mhc_lite_width(n), norm_eps, pre_eps, axis,
+                                     "mhc_lite_mappings")
+  weights = jax.nn.softmax(res, axis=-1)
   h_res = jnp.einsum("...k,kij->...ij", weights, jnp.asarray(permutation_matrices(n)),
                      precision=_HIGHEST)
   return h_pre, h_post, h_res
 
 
-_HC_KEYS = ("theta_pre", "theta_post", "theta_res", "b_pre", "b_post", "b_res", "alpha")
-
-
 def hc_mappings(x: jax.Array, params: Mapping[str, jax.Array], *, norm_eps: float = 1e-6):
   """HC (dynamic, tanh) mappings, mHC paper Eq. 5. Static HC: theta = 0."""
   n, c = x.shape[-2:]
-  want = {"theta_pre": (c,), "theta_post": (c,), "theta_res": (n, c), "b_pre": (n,),
-          "b_post": (n,), "b_res": (n, n), "alpha": (3,)}
-  for key, shape in want.items():
-    if key not in params:
-      raise ValueError(f"hc_mappings: params is missing {key!r} (needs {', '.join(_HC_KEYS)})")
-    if tuple(params[key].shape) != shape:
-      raise ValueError(f"hc_mappings: params[{key!r}] has shape {tuple(params[key].shape)}, "
-                       f"expected {shape} for n={n}, C={c}")
+  _check_shapes("hc_mappings", params,
+                {"theta_pre": (c,), "theta_post": (c,), "theta_res": (n, c), "b_pre": (n,),
+                 "b_post": (n,), "b_res": (n, n), "alpha": (3,)}, n, c)
   f32 = jnp.float32
   xf = x.astype(f32)
   theta = jnp.concatenate([params["theta_pre"][None], params["theta_post"][None],
