@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -30,7 +31,11 @@ import threading
 import time
 from typing import Any, Callable
 
+import grain
+import jax
 import orbax.checkpoint as ocp
+
+from mhc_jax.config import ConfigError
 
 log = logging.getLogger("mhc_jax.checkpoint")
 
@@ -125,7 +130,6 @@ class Checkpointer:
   def save(self, step: int, state, data_iter=None, meta: dict | None = None, wait: bool = False):
     """Start saving `state` (and the data iterator) as checkpoint `step`; returns once the state is
     copied off the devices. Raises `SaveFailed` (partial folder removed)."""
-    import grain
     self.wait()
     self.preflight()
     items = {"state": ocp.args.StandardSave(state),
@@ -241,7 +245,6 @@ class Checkpointer:
   def restore(self, step: int, target, data_iter=None) -> tuple[Any, dict]:
     """Restore checkpoint `step` into `target` (ShapeDtypeStructs with shardings); the data iterator is
     restored in place. Returns `(state, meta)`."""
-    import grain
     items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if data_iter is not None and has_data:
@@ -293,7 +296,6 @@ class _DropAll(logging.Filter):
 def quiet_async_noise():
   """Silence asyncio's "exception was never retrieved" / "Event loop is closed" reports that
   TensorStore futures of a failed read produce (the caller reports the failure in one line)."""
-  import gc
   logger, drop = logging.getLogger("asyncio"), _DropAll()
   logger.addFilter(drop)
   try:
@@ -306,8 +308,6 @@ def quiet_async_noise():
 def _check_target(target) -> None:
   """Raise `ConfigError` when a target sharding cannot hold its array (e.g. a mesh axis that does not
   divide the heads), so that `restore_latest` never mistakes a bad mesh for a corrupt checkpoint."""
-  import jax
-  from mhc_jax.config import ConfigError
   for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     sharding = getattr(leaf, "sharding", None)
     if sharding is None or not hasattr(leaf, "shape"):

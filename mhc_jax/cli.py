@@ -11,6 +11,9 @@
     mhc-jax compare-sharding ...       (mhc_jax.tools.compare_sharding)
 
 Exit status: see EXIT_STATUS below (also printed by `mhc-jax --help`).
+
+Each command imports what it needs when it runs (JAX, the data pipeline, the tools), so `--help`
+and argument errors answer at once; that is why the imports below sit inside the commands.
 """
 from __future__ import annotations
 
@@ -84,11 +87,10 @@ def _parser() -> argparse.ArgumentParser:
   c = sub.add_parser("show-config", help="print the resolved config as JSON")
   config_args(c)
 
+  # Listed for --help only: `main` hands these commands to their tools before parsing.
   b = sub.add_parser("bench", help="benchmarks: `bench kernels ...`, `bench step ...`")
   b.add_argument("what", choices=("kernels", "step"))
-  b.add_argument("rest", nargs=argparse.REMAINDER)
-  cs = sub.add_parser("compare-sharding", help="compare sharding strategies (memory, comms)")
-  cs.add_argument("rest", nargs=argparse.REMAINDER)
+  sub.add_parser("compare-sharding", help="compare sharding strategies (memory, comms)")
   importlib.import_module("mhc_jax.quant.cli").add_parser(sub)   # quantize (mhc_jax.quant)
   return p
 
@@ -380,12 +382,6 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_plot(args)
     if args.command == "show-config":
       return cmd_show_config(args)
-    if args.command == "bench" and args.what == "step":
-      return _delegate("mhc_jax.tools.bench_step", args.rest, "bench step")
-    if args.command == "bench":
-      return _delegate("mhc_jax.tools.bench_kernels", args.rest, "bench kernels")
-    if args.command == "compare-sharding":
-      return _delegate("mhc_jax.tools.compare_sharding", args.rest, "compare-sharding")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT

@@ -46,7 +46,11 @@ import os
 import re
 from typing import Any, Mapping
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 LAYOUTS = ("deepseek", "hf")
 
@@ -156,7 +160,6 @@ def read_v4_safetensors(path: str) -> dict[str, np.ndarray]:
   `path`: one `.safetensors` file, a directory of shards (with or without
   `model.safetensors.index.json`), or the index file. Other tensors are not read.
   """
-  from safetensors import safe_open
   out = {}
   for file in _files(path):
     with safe_open(file, framework="flax") as f:        # flax: bf16 norms load too
@@ -260,7 +263,6 @@ def params_to_v4(params: Mapping[str, Any], *, layout: str = "deepseek") -> dict
 
 def save_v4_safetensors(path: str, params: Mapping[str, Any], *, layout: str = "deepseek") -> None:
   """Write our LM's mHC parameters as a V4-layout safetensors file (`params_to_v4`)."""
-  from safetensors.numpy import save_file
   save_file(params_to_v4(params, layout=layout), path)
 
 
@@ -270,8 +272,6 @@ def merge_params(params: Mapping[str, Any], converted: Mapping[str, Any]) -> dic
   Flax `Partitioned` boxes (logical axis metadata) are kept. Keys of `converted` absent from
   `params` raise KeyError (e.g. `collapse` for a model built with `collapse='sum'`).
   """
-  import flax.linen as nn
-
   def merge(p, c, path):
     if isinstance(c, Mapping):
       if not isinstance(p, Mapping):
@@ -288,7 +288,6 @@ def merge_params(params: Mapping[str, Any], converted: Mapping[str, Any]) -> dic
     if tuple(np.shape(old)) != tuple(np.shape(c)):
       raise ValueError(f"{'/'.join(path)}: converted shape {tuple(np.shape(c))} != model shape "
                        f"{tuple(np.shape(old))}")
-    import jax.numpy as jnp
     new = jnp.asarray(c, dtype=old.dtype)
     return p.replace_boxed(new) if boxed else new
 

@@ -26,11 +26,11 @@ def sample_logits(rng, logits_BV, temperature: float, top_k: int):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
-def _generate(params, prompt_BP, rng, *, cfg: ModelConfig, max_new_tokens: int, temperature: float,
-              top_k: int):
-  model = LM(cfg, decode=True)
-  cache = init_cache(cfg, params, prompt_BP.shape[0])
+def decode(model, params, prompt_BP, rng, *, cfg: ModelConfig, max_new_tokens: int,
+           temperature: float, top_k: int):
+  """Prefill `prompt_BP` with the `decode=True` `model`, then sample `max_new_tokens` tokens in a
+  `lax.scan`; traceable (callers jit it with the sampling arguments static)."""
+  cache = init_cache(cfg, prompt_BP.shape[0])
   logits, mut = model.apply({"params": params, "cache": cache}, prompt_BP, mutable=["cache"])
   rng, sub = jax.random.split(rng)
   first = sample_logits(sub, logits[:, -1], temperature, top_k)
@@ -47,9 +47,14 @@ def _generate(params, prompt_BP, rng, *, cfg: ModelConfig, max_new_tokens: int, 
   return jnp.concatenate([toks.T, last[:, None]], axis=1) if max_new_tokens > 1 else first[:, None]
 
 
-def generate(cfg: ModelConfig, params, prompt_ids, *, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 40, seed: int = 0) -> np.ndarray:
-  """`[B, max_new_tokens]` new token ids after `prompt_ids` (`[P]` or `[B, P]`)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
+def _generate(params, prompt_BP, rng, *, cfg: ModelConfig, **sampling):
+  return decode(LM(cfg, decode=True), params, prompt_BP, rng, cfg=cfg, **sampling)
+
+
+def check_generation(cfg: ModelConfig, prompt_ids, max_new_tokens: int, temperature: float,
+                     seed: int) -> np.ndarray:
+  """The prompt as int32 `[B, P]`; ConfigError (one line) for arguments `generate` cannot take."""
   prompt = np.asarray(prompt_ids, np.int32)
   if prompt.ndim == 1:
     prompt = prompt[None]
@@ -57,14 +62,20 @@ def generate(cfg: ModelConfig, params, prompt_ids, *, max_new_tokens: int, tempe
     raise ConfigError("--prompt '' is not allowed: give at least one character to start from")
   if max_new_tokens < 1:
     raise ConfigError(f"--tokens={max_new_tokens} is not allowed: an integer >= 1")
-  total = prompt.shape[1] + max_new_tokens
-  if total > cfg.max_seq_len:
+  if prompt.shape[1] + max_new_tokens > cfg.max_seq_len:
     raise ConfigError(f"--tokens={max_new_tokens} is not allowed: prompt ({prompt.shape[1]}) + new "
                       f"tokens must be <= model.max_seq_len={cfg.max_seq_len}")
   if not np.isfinite(temperature) or temperature < 0:
     raise ConfigError(f"--temperature={temperature} is not allowed: a finite number >= 0")
   if not 0 <= int(seed) < 2**32:
     raise ConfigError(f"--seed={seed} is not allowed: an integer in [0, 2**32)")
+  return prompt
+
+
+def generate(cfg: ModelConfig, params, prompt_ids, *, max_new_tokens: int, temperature: float = 0.8,
+             top_k: int = 40, seed: int = 0) -> np.ndarray:
+  """`[B, max_new_tokens]` new token ids after `prompt_ids` (`[P]` or `[B, P]`)."""
+  prompt = check_generation(cfg, prompt_ids, max_new_tokens, temperature, seed)
   out = _generate(params, jnp.asarray(prompt), jax.random.PRNGKey(seed), cfg=cfg,
                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                   top_k=int(top_k))

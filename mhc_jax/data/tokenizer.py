@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import sentencepiece as spm
 
 from mhc_jax.config import fail
 
@@ -53,7 +54,6 @@ class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece `.model` file; `eos_id` is the model's EOS (or id 0 if it has none)."""
 
   def __init__(self, model_path: str):
-    import sentencepiece as spm
     self.path = model_path
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     self.vocab_size = int(self._sp.get_piece_size())

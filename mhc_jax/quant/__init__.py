@@ -9,24 +9,23 @@ CLI: `mhc-jax quantize --run-dir R --mode int8|int4 [--group-size 128] --out Q`;
 """
 from __future__ import annotations
 
+import os
+
+import jax
+
 from mhc_jax.quant.core import (QuantSpec, abstract_qparams, check_spec, dequantize_params,
                                 quantize_params, quantized_kernel_bytes, quantized_lm, rules,
                                 tree_bytes)
 from mhc_jax.quant.infer import (evaluate_quantized, quantized_eval, quantized_generate,
                                  quantized_logits, quantized_sample)
-from mhc_jax.quant.io import dir_bytes, is_quantized_dir, load_quantized, save_quantized
+from mhc_jax.quant.io import check_out, dir_bytes, is_quantized_dir, load_quantized, save_quantized
+from mhc_jax.train import run_dir as rd
+from mhc_jax.train.loop import load_checkpoint
 
 
 def quantize_run(run_dir: str, out: str, spec: QuantSpec, *, step: int | None = None) -> dict:
   """Quantise the checkpoint of `run_dir` (newest, or `step`) and write it to `out`; returns the
   byte counts (weights in memory: float32 vs quantised; checkpoint directories on disk)."""
-  import os
-
-  import jax
-
-  from mhc_jax.quant.io import check_out
-  from mhc_jax.train import run_dir as rd
-  from mhc_jax.train.loop import load_checkpoint
   check_out(out)
   check_spec(spec, rd.read_config(run_dir).model)
   trainer = load_checkpoint(run_dir, step)

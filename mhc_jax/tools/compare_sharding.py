@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import re
 import sys
@@ -93,46 +92,22 @@ def _run_config(base, conn: ConnectionConfig, mesh: MeshConfig):
 
 def lower_step(cfg, devices):
   """`(lowered, mesh, n_params)`: the train step for `cfg` lowered on `devices` (real or compile-only:
-  TPU topologies, abstract H100s) under the strategy's mesh and logical rules."""
-  import flax.linen as nn
-  import jax
-  import numpy as np
-  from mhc_jax import sharding as shd
-  from mhc_jax.train import state as st
-  from mhc_jax.train.optimizer import make_optimizer
-  from mhc_jax.train.step import make_train_step
-
-  mesh = shd.make_mesh(cfg.mesh, devices)
-  tx = make_optimizer(cfg.train)
-  # The abstract init traces the model too: let it see the target platform (kernels resolve their
-  # backend from the active abstract mesh), not this host's CPU.
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    abstract = st.abstract_state(cfg, tx)
-    shardings = st.state_shardings(cfg, mesh, tx, abstract)
-  batch_sh = shd.batch_sharding(mesh, cfg.mesh)
-  abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
-  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           abstract, shardings)
-  b, t = cfg.data.batch_size, cfg.data.seq_len
-  batch_abs = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=batch_sh)
-               for k in ("inputs", "targets")}
-  step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, {"inputs": batch_sh,
-                                                                     "targets": batch_sh}),
-                    out_shardings=(shardings, None), donate_argnums=0)
-  with shd.sharding_context(mesh, cfg.mesh):
-    lowered = step_fn.lower(state_abs, batch_abs)
-  return lowered, mesh, int(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
+  TPU topologies, abstract H100s) under the strategy's mesh and logical rules (`Trainer.lower`)."""
+  from mhc_jax.train.state import n_params
+  from mhc_jax.train.trainer import Trainer
+  trainer = Trainer(cfg, devices)
+  return trainer.lower(), trainer.setup.mesh, n_params(trainer.setup.target.params)
 
 
 def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, Any]:
   """Compile (and, on real devices, run `steps` steps of) the train step for `cfg` on `devices`."""
   import numpy as np
-  from mhc_jax import distributed
-  from mhc_jax import sharding as shd
-  from mhc_jax.train import state as st
+  from mhc_jax.train.state import n_params as count
+  from mhc_jax.train.trainer import Trainer
 
   t0 = time.perf_counter()
-  lowered, mesh, n_params = lower_step(cfg, devices)
+  trainer = Trainer(cfg, devices)
+  lowered, mesh, n_params = trainer.lower(), trainer.setup.mesh, count(trainer.setup.target.params)
   b, t = cfg.data.batch_size, cfg.data.seq_len
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
@@ -157,16 +132,14 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
   out["collective_mib"] = sum(v["bytes"] for v in out["collectives"].values()) / MiB
   out["collectives_trip_weighted"] = True
   if real and steps > 0:
-    setup = st.make_setup(cfg, devices)
-    state = st.create_state(cfg, setup)
+    state = trainer.init()
     rng = np.random.default_rng(cfg.data.seed)
     seq = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
-    batch = {"inputs": distributed.global_batch_array(seq[:, :-1], mesh, cfg.mesh),
-             "targets": distributed.global_batch_array(seq[:, 1:], mesh, cfg.mesh)}
+    batch = trainer.to_device({"inputs": seq[:, :-1], "targets": seq[:, 1:]})
     losses, times = [], []
     for _ in range(steps):
       t1 = time.perf_counter()
-      with shd.sharding_context(mesh, cfg.mesh):
+      with trainer.context():
         state, metrics = compiled(state, batch)
       losses.append(float(metrics["loss"]))     # blocks until the step is done
       times.append(time.perf_counter() - t1)

@@ -10,6 +10,8 @@ import math
 import os
 import sys
 
+from tensorboardX import SummaryWriter
+
 
 def _clean(v):
   if isinstance(v, float) and not math.isfinite(v):
@@ -27,7 +29,6 @@ class MetricsWriter:
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self._tb = None
     if enabled and tensorboard:
-      from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(run_dir, "tb"), flush_secs=10)
     self._f = open(self.path, "a", encoding="utf-8") if enabled else None
 
@@ -47,10 +48,6 @@ class MetricsWriter:
               self._tb.add_scalar(f"{tag}/{i}", x, step)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(tag, v, step)
-
-  def text(self, step: int, tag: str, text: str):
-    if self.enabled and self._tb is not None:
-      self._tb.add_text(tag, text, step)
 
   def close(self):
     if self._f is not None:

@@ -66,6 +66,15 @@ class Trainer:
     # Orbax-restored buffers may not be donatable: re-materialise them through an identity jit.
     self.state = jax.jit(lambda x: x, out_shardings=self.setup.state_shardings)(state)
 
+  def lower(self) -> jax.stages.Lowered:
+    """The train step lowered for the abstract state and a `[batch_size, seq_len]` batch, without
+    data or a state (ahead-of-time compiles: TPU topologies, abstract H100s)."""
+    b, t = self.cfg.data.batch_size, self.cfg.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=self.setup.batch_sharding)
+             for k in ("inputs", "targets")}
+    with self.context():
+      return self._train_step.lower(self.setup.target, batch)
+
   def to_device(self, batch: dict) -> dict:
     """A host batch (this process's rows) as global `[B, T]` arrays on the mesh."""
     return {k: distributed.global_batch_array(np.asarray(v, np.int32), self.setup.mesh,
