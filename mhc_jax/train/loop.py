@@ -25,11 +25,10 @@ from tqdm import tqdm
 from mhc_jax import distributed
 from mhc_jax.checkpoint import Checkpointer, SaveFailed
 from mhc_jax.config import ConfigError, RunConfig, diff, fail, to_dict
+from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator, sources
 from mhc_jax.train import run_dir as rd
 from mhc_jax.train.metrics import MetricsWriter, truncate_after
 from mhc_jax.train.signals import StopSignals
-from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
-from mhc_jax.data import sources
 from mhc_jax.train.state import n_params
 from mhc_jax.train.step import LN2, summarize_diagnostics
 from mhc_jax.train.trainer import Trainer, count_bytes

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mhc_jax.config import RunConfig
 from mhc_jax.model import LM, collect_mappings
 from mhc_jax.ops import gains
-from mhc_jax.config import RunConfig
 from mhc_jax.train.optimizer import global_norm, make_optimizer, make_schedule
 from mhc_jax.train.state import TrainState
 
