@@ -1,13 +1,12 @@
 """Sampling and evaluation with quantised parameters (the qwix PTQ model in place of `LM`).
 
 Generation runs `mhc_jax.sample.decode` (prefill + `lax.scan` decode, same sampling rule and argument
-checks) on the quantised model; evaluation mirrors the train eval step (mean token cross-entropy,
-bits per byte over the text bytes).
+checks) on the quantised model; evaluation sums token cross-entropy as the train eval step does and
+reports it through `mhc_jax.train.step.eval_summary` (loss, perplexity, bits per byte).
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +17,8 @@ from mhc_jax.quant.core import QuantSpec, quantized_lm
 from mhc_jax.data import make_eval_batches, make_tokenizer, make_train_iterator
 from mhc_jax.quant.io import load_quantized
 from mhc_jax.sample import check_generation, decode
+from mhc_jax.train.step import eval_summary
 from mhc_jax.train.trainer import count_bytes
-
-LN2 = math.log(2.0)
-
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "max_new_tokens", "temperature", "top_k"))
 def _generate(qparams, prompt_BP, rng, *, cfg: ModelConfig, spec: QuantSpec, **sampling):
@@ -75,11 +72,7 @@ def evaluate_quantized(cfg: ModelConfig, spec: QuantSpec, qparams, batches, n_by
                        spec=spec)
     tot += float(s)
     n += float(c)
-  loss = tot / max(n, 1.0)
-  res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n}
-  if n_bytes:
-    res["bits_per_byte"] = tot / LN2 / n_bytes
-  return res
+  return eval_summary(tot, n, n_bytes)
 
 
 def quantized_eval(path: str, *, batches: int | None = None, split: str = "validation") -> dict:

@@ -92,9 +92,9 @@ def abstract_state(cfg: RunConfig, tx: optax.GradientTransformation):
   return jax.eval_shape(_init_fn(cfg, tx), jax.random.PRNGKey(cfg.train.seed))
 
 
-def state_shardings(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, abstract=None):
-  """TrainState of NamedShardings (params via logical rules, opt state via tree_map_params)."""
-  abstract = abstract_state(cfg, tx) if abstract is None else abstract
+def state_shardings(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, abstract):
+  """TrainState of NamedShardings for the boxed `abstract` state (params via logical rules, opt
+  state via tree_map_params)."""
   params_sh = shd.param_shardings(abstract.params, mesh, cfg.mesh)
   opt_sh = shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh)
   return TrainState(step=shd.replicated(mesh), params=params_sh, opt_state=opt_sh)

@@ -24,6 +24,16 @@ from mhc_jax.train.state import TrainState
 LN2 = math.log(2.0)
 
 
+def eval_summary(loss_sum: float, tokens: float, n_bytes: float | None = None) -> dict[str, float]:
+  """Mean loss per token, perplexity = exp(loss) and, given the text bytes the targets stand for,
+  bits per byte = total nats / (ln 2 * n_bytes)."""
+  loss = loss_sum / max(tokens, 1.0)
+  res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+  if n_bytes:
+    res["bits_per_byte"] = loss_sum / LN2 / n_bytes
+  return res
+
+
 def token_losses(logits_BTV, targets_BT):
   """`(ce [B, T], log_z [B, T])` in float32."""
   logits = logits_BTV.astype(jnp.float32)

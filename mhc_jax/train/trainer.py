@@ -10,7 +10,6 @@ Every step function is jitted once with the state's target shardings; the state 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from mhc_jax import distributed
 from mhc_jax.config import RunConfig
 from mhc_jax.train.state import MeshSetup, TrainState, create_state, make_setup
-from mhc_jax.train.step import LN2, make_diagnostics, make_eval_step, make_train_step
+from mhc_jax.train.step import eval_summary, make_diagnostics, make_eval_step, make_train_step
 
 
 class Trainer:
@@ -96,11 +95,7 @@ class Trainer:
         out = self._eval_step(self.state.params, self._device(b))
         tot += float(out["loss_sum"])
         n += float(out["tokens"])
-    loss = tot / max(n, 1.0)
-    res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n}
-    if n_bytes:
-      res["bits_per_byte"] = tot / LN2 / (n_bytes * jax.process_count())
-    return res
+    return eval_summary(tot, n, n_bytes * jax.process_count() if n_bytes else None)
 
   def diagnostics(self, batch: dict) -> dict[str, Any] | None:
     """Per-site gain magnitudes and Sinkhorn errors on `batch` (`make_diagnostics`); None for
