@@ -216,6 +216,7 @@ def finish(result) -> None:
   from mhc_jax.data import make_tokenizer
   from mhc_jax.sample import sample_text
   from mhc_jax.tools.plots import plot_runs
+  from mhc_jax.train import run_dir as rd
   cfg, run_dir, ev = result.trainer.cfg, result.run_dir, result.eval
   t, sample, sample_path = cfg.train, None, None
   if t.sample_tokens:
@@ -225,20 +226,20 @@ def finish(result) -> None:
       sample = sample_text(cfg.model, result.state.params, tokenizer, t.sample_prompt,
                            max_new_tokens=n_new, temperature=t.sample_temperature,
                            top_k=t.sample_top_k, seed=t.seed)
-      sample_path = os.path.join(run_dir, "sample.txt")
+      sample_path = os.path.join(run_dir, rd.SAMPLE)
       with open(sample_path, "w", encoding="utf-8") as f:
         f.write(sample + "\n")
-  plot_path = plot_runs([run_dir], os.path.join(run_dir, "plot.png"))
+  plot_path = plot_runs([run_dir], os.path.join(run_dir, rd.PLOT))
   msg = [f"\nfinished step {result.step}: eval loss {ev.get('loss', float('nan')):.4f}"
          + (f" ({ev['bits_per_byte']:.3f} bits/byte, perplexity {ev['perplexity']:.2f})"
             if "bits_per_byte" in ev else "")]
   if sample is not None:
     msg.append("sample:\n" + "-" * 60 + "\n" + sample + "\n" + "-" * 60)
-  msg.append(f"eval:        {os.path.join(run_dir, 'eval.json')}\n"
+  msg.append(f"eval:        {os.path.join(run_dir, rd.EVAL)}\n"
              f"sample:      {sample_path or '(disabled)'}\nplot:        {plot_path}\n"
-             f"metrics:     {os.path.join(run_dir, 'metrics.jsonl')}\n"
-             f"tensorboard: tensorboard --logdir {os.path.join(run_dir, 'tb')}\n"
-             f"checkpoints: {os.path.join(run_dir, 'checkpoints')}")
+             f"metrics:     {os.path.join(run_dir, rd.METRICS)}\n"
+             f"tensorboard: tensorboard --logdir {os.path.join(run_dir, rd.TB)}\n"
+             f"checkpoints: {os.path.join(run_dir, rd.CHECKPOINTS)}")
   print("\n".join(msg), flush=True)
 
 

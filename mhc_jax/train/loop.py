@@ -55,9 +55,6 @@ class Interrupted(Exception):
     super().__init__(msg)
 
 
-EVAL = "eval.json"
-
-
 def resume_command(run_dir: str) -> str:
   return f"mhc-jax train --run-dir {shlex.quote(run_dir)} --resume"
 
@@ -359,7 +356,7 @@ class _Loop:
       finally:
         self.writer.close()
     if self.main:
-      with open(os.path.join(self.run_dir, EVAL), "w", encoding="utf-8") as f:
+      with open(os.path.join(self.run_dir, rd.EVAL), "w", encoding="utf-8") as f:
         json.dump({"step": step, **self.last_eval}, f, indent=2)
     return RunResult(self.run_dir, step, self.last_eval, trainer)
 

@@ -35,8 +35,10 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TB = "tb"
 LOCK = ".lock"
-OWNED_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", "eval.json", "sample.txt",
-               "plot.png")
+EVAL = "eval.json"          # written by the loop at the end of a run
+SAMPLE = "sample.txt"       # written by `mhc-jax train` after the run
+PLOT = "plot.png"
+OWNED_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", EVAL, SAMPLE, PLOT)
 RESUMABLE_SECTIONS = ("train.", "mesh.")
 _OWNED_IN = {TB: re.compile(r"events\.out\.tfevents\..*"),
              CHECKPOINTS: re.compile(r"\d+(\.corrupt\d*|\.orbax-checkpoint-tmp.*)?|\.write-probe-.+")}
