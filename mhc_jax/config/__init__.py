@@ -4,7 +4,7 @@ field, the value and what is allowed.
   RunConfig(model=ModelConfig(connection=ConnectionConfig), data=DataConfig, train=TrainConfig,
             mesh=MeshConfig)
 
-`checks` holds the field checks, `model` / `data` / `mesh` / `train` / `moe` one section each (rules that cross
+`checks` holds the field checks, `model` / `data` / `mesh` / `train` / `moe` / `mla` one section each (rules that cross
 sections sit on `RunConfig`), `io` the dict / JSON round trip and `--set` overrides. Named presets are
 in `mhc_jax.configs`.
 """
@@ -18,5 +18,6 @@ from mhc_jax.config.mesh import (BATCH_AXES, DEFAULT_SHAPES, LOGICAL_AXES, MESH_
 from mhc_jax.config.model import (COLLAPSE, DTYPES, IMPLEMENTATIONS, INITS, KINDS, REMAT,
                                   ConnectionConfig, ModelConfig, compute_dtype, dsv4,
                                   with_connection)
+from mhc_jax.config.mla import MLAConfig
 from mhc_jax.config.moe import MoEConfig
 from mhc_jax.config.train import SCHEDULES, RunConfig, TrainConfig

@@ -25,6 +25,16 @@ def _hints(cls) -> dict:
   return typing.get_type_hints(cls)
 
 
+def _section(hint):
+  """The dataclass a field holds (`X` or `X | None`), else None."""
+  if dataclasses.is_dataclass(hint):
+    return hint
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+    return inner[0] if inner else None
+  return None
+
+
 def _coerce(field: str, value: Any, hint) -> Any:
   """Convert a JSON/CLI value to the annotated type of a dataclass field, or raise ConfigError."""
   origin = typing.get_origin(hint)
@@ -109,15 +119,18 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         raise ConfigError(f"--set {key}: unknown key {part!r} in {where}; choose one of "
                           + ", ".join(names))
       hint = _hints(cls)[part]
+      section = _section(hint)
       if i == len(parts) - 1:
         if dataclasses.is_dataclass(hint):
           raise ConfigError(f"--set {key}: {key} is a section; set one of its fields, e.g. "
                             f"{key}.{dataclasses.fields(hint)[0].name}=...")
         node[part] = _coerce(key, value, hint)
       else:
-        if not dataclasses.is_dataclass(hint):
+        if section is None:
           raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-        node, cls = node[part], hint
+        if node.get(part) is None:   # an optional section that is off: start from its defaults
+          node[part] = to_dict(section())
+        node, cls = node[part], section
   return run_config_from_dict(d)
 
 

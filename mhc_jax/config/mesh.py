@@ -12,6 +12,7 @@ BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp", "hsdp")
 STREAM_SHARDINGS = ("replicated", "feature", "sequence")
 LOGICAL_AXES = ("batch", "length", "streams", "embed", "heads", "kv", "mlp", "vocab", "layers",
+                "experts", "q_lora", "kv_lora",
                 "mhc_in", "mhc_out", "mhc_streams", "mhc_streams_in", "mhc_gates")
 
 # Default mesh shape per strategy when `MeshConfig.shape` is None; -1 takes the remaining devices.

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from mhc_jax.config.checks import check_choice, check_float, check_int, fail
+from mhc_jax.config.mla import MLAConfig
+from mhc_jax.config.moe import MoEConfig
 
 
 KINDS = ("residual", "hc", "mhc", "mhc_lite")
@@ -96,7 +98,12 @@ def dsv4(**overrides) -> ConnectionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Decoder LM: embed -> expand to n streams -> L x (attention, SwiGLU) -> collapse -> norm -> head."""
+  """Decoder LM: embed -> expand to n streams -> L x (attention, FFN) -> collapse -> norm -> head.
+
+  mla: None = multi-head attention with RoPE; an `MLAConfig` = Multi-head Latent Attention.
+  moe: None = every FFN a dense SwiGLU of width `ff_dim`; a `MoEConfig` = DeepSeekMoE FFNs in every
+    layer after the first `n_dense_layers` (which stay dense, of width `ff_dim`).
+  """
   vocab_size: int = 256
   d_model: int = 256
   n_layers: int = 4
@@ -113,6 +120,9 @@ class ModelConfig:
   remat_group: int = 0          # remat="mhc_paper": blocks per recompute group; 0 = Eq. 20 optimum
   collapse: str = "sum"
   connection: ConnectionConfig = dataclasses.field(default_factory=ConnectionConfig)
+  mla: MLAConfig | None = None
+  moe: MoEConfig | None = None
+  n_dense_layers: int = 0       # with moe: leading layers that keep a dense FFN
 
   def __post_init__(self):
     check_int("model.vocab_size", self.vocab_size, 2)
@@ -139,6 +149,16 @@ class ModelConfig:
       fail("model.connection", self.connection, "a ConnectionConfig")
     if self.collapse == "head" and self.connection.kind == "residual":
       fail("model.collapse", self.collapse, "'head' needs a multi-stream connection, not 'residual'")
+    if self.mla is not None and not isinstance(self.mla, MLAConfig):
+      fail("model.mla", self.mla, "None or an MLAConfig")
+    if self.moe is not None and not isinstance(self.moe, MoEConfig):
+      fail("model.moe", self.moe, "None or a MoEConfig")
+    check_int("model.n_dense_layers", self.n_dense_layers, 0)
+    if self.moe is None and self.n_dense_layers:
+      fail("model.n_dense_layers", self.n_dense_layers, "0 without model.moe (every layer is dense)")
+    if self.moe is not None and self.n_dense_layers >= self.n_layers:
+      fail("model.n_dense_layers", self.n_dense_layers,
+           f"an integer in [0, model.n_layers - 1 = {self.n_layers - 1}] (at least one MoE layer)")
 
   @property
   def head_dim(self) -> int:
@@ -146,7 +166,21 @@ class ModelConfig:
 
   @property
   def ff_dim(self) -> int:
-    return self.d_ff or 64 * math.ceil(8 * self.d_model / 3 / 64)
+    """Dense FFN width: `d_ff`, else for MoE models `(n_shared + top_k) * d_expert` (the routed
+    layers' active width; with it the Table 5 parameter totals come out), else 8/3 d_model rounded
+    up to a multiple of 64."""
+    if self.d_ff:
+      return self.d_ff
+    if self.moe is not None:
+      return (self.moe.n_shared + self.moe.top_k) * self.moe.d_expert
+    return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.moe is not None and layer >= self.n_dense_layers
+
+  @property
+  def n_moe_layers(self) -> int:
+    return 0 if self.moe is None else self.n_layers - self.n_dense_layers
 
   @property
   def n_sites(self) -> int:

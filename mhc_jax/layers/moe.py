@@ -11,7 +11,9 @@ Variables:
              `seq_aux_weight > 0`, seq_aux_loss (a scalar to add to the training loss).
 
 Input `[..., T, C]` (e.g. `[B, T, C]`): all tokens are routed together; the sequence-wise loss is per
-sequence (the second-to-last axis).
+sequence (the second-to-last axis). With `with_stats=True` the call returns `(y, stats)` instead, the
+statistics as values (`counts [E]`, `seq_aux_loss`, `router_entropy`): the form that passes through
+`nn.scan` and `jax.checkpoint` as ordinary outputs (the LM's blocks use it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class MoE(nn.Module):
   out_std: float = 0.02
   dtype: Any = jnp.float32
   implementation: str = "ragged"
+  with_stats: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -67,13 +70,25 @@ class MoE(nn.Module):
                           implementation=self.implementation)
     self.sow("intermediates", "counts", stats["counts"])
     self.sow("intermediates", "load", stats["load"])
+    seq_loss = jnp.zeros((), jnp.float32)
     if cfg.seq_aux_weight > 0:
       T = lead[-1] if lead else 1
       aff = stats["affinity"].reshape(-1, T, E)
       ids = stats["expert_ids"].reshape(-1, T, cfg.top_k)
-      self.sow("intermediates", "seq_aux_loss",
-               sequence_balance_loss(aff, ids, alpha=cfg.seq_aux_weight))
-    return y_TC.reshape(*lead, C)
+      seq_loss = sequence_balance_loss(aff, ids, alpha=cfg.seq_aux_weight)
+      self.sow("intermediates", "seq_aux_loss", seq_loss)
+    y = y_TC.reshape(*lead, C)
+    if not self.with_stats:
+      return y
+    return y, {"counts": stats["counts"], "seq_aux_loss": seq_loss,
+               "router_entropy": router_entropy(stats["affinity"])}
+
+
+def router_entropy(affinity_TE):
+  """Mean over tokens of the entropy (nats) of the normalised affinities `s / Σ s`: log E for a
+  router that has no preference, 0 for one that puts all weight on one expert."""
+  p = affinity_TE / jnp.sum(affinity_TE, axis=-1, keepdims=True)
+  return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
 
 
 def update_balance_bias(moe_state, intermediates, gamma: float):
