@@ -10,6 +10,7 @@ like their params, counts replicated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mhc_jax import kernels
 from mhc_jax import sharding as shd
-from mhc_jax.config import RunConfig, compute_dtype, fail
+from mhc_jax.config import BATCH_AXES, RunConfig, compute_dtype, fail
 from mhc_jax.model import LM
 from mhc_jax.train.optimizer import make_optimizer
 
@@ -62,7 +63,7 @@ class MeshSetup:
 def setup_mesh(cfg: RunConfig, devices=None) -> tuple[Mesh, list]:
   """Mesh and logical rules for this run (the one place a strategy is turned into shardings)."""
   mesh = shd.make_mesh(cfg.mesh, devices)
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if cfg.data.batch_size % data_shards:
     fail("data.batch_size", cfg.data.batch_size,
              f"must be divisible by the {data_shards} batch shards of mesh {dict(mesh.shape)}")
