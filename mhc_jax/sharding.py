@@ -1,26 +1,35 @@
 """Meshes, one logical-rules table per strategy, and the shardings of parameters, optimizer state and
 batches derived from it.
 
-Mesh axes are `("data", "fsdp", "tensor")`, always all three (size 1 where unused), built with explicit
-`AxisType.Auto` (GSPMD + logical constraints). The model names only logical axes
-(`batch, length, streams, embed, heads, kv, mlp, vocab, layers` and the connection parameters'
-`mhc_*` names, which stay replicated); a strategy is just a rules table:
+Mesh axes are `("data", "expert", "fsdp", "tensor")`, always all four (size 1 where unused), built with
+explicit `AxisType.Auto` (GSPMD + logical constraints). The model names only logical axes
+(`batch, length, streams, embed, heads, kv, mlp, vocab, layers, experts` and the connection
+parameters' `mhc_*` names, which stay replicated); a strategy is just a rules table. B = the batch
+axes (data, expert, fsdp): tokens are split over the expert ranks like data parallelism.
 
-  strategy  batch            params                                   typical shape
-  dp        (data, fsdp)     replicated                               (N, 1, 1)
-  fsdp      (data, fsdp)     embed -> (data, fsdp)       (ZeRO-3)     (1, N, 1)
-  tp        (data, fsdp)     heads, mlp, vocab -> tensor (Megatron)   (1, 1, N)
-  fsdp_tp   (data, fsdp)     embed -> (data, fsdp); heads, mlp, vocab -> tensor   (1, X, Y)
-  hsdp      (data, fsdp)     embed -> fsdp, replicated over data (DCN x ICI)      (slices, N/slices, 1)
+  strategy  batch  params                                                  typical shape
+  dp        B      replicated                                              (N, 1, 1)
+  fsdp      B      embed -> B (ZeRO-3)                                     (1, N, 1)
+  tp        B      heads, mlp, vocab -> tensor (Megatron)                  (1, 1, N)
+  fsdp_tp   B      embed -> B; heads, mlp, vocab -> tensor                 (1, X, Y)
+  hsdp      B      embed -> fsdp, replicated over data (DCN x ICI)         (slices, N/slices, 1)
+  ep        B      experts -> expert, the rest replicated (dp-like)        (N, 1, 1), expert = N
+
+Every strategy maps `experts -> expert` (size 1 unless `MeshConfig.expert` / "ep" asks for more), ahead
+of the embed rules: an expert weight `[E, C, F]` is split over `expert` on E and, under fsdp, keeps
+`embed -> (data, fsdp)` (the second embed rule, taken when `expert` is already used); dense weights
+take `embed -> (data, expert, fsdp)`. Under an expert axis > 1 the MoE layer dispatches tokens to
+the expert ranks inside `shard_map` (`mhc_jax.ops.moe_ep`).
 
 Residual-stream sharding (`[B, T, n, C]`, the state that grows with n), over `tensor`:
   replicated  streams are whole on every tensor shard (plain TP: all-reduce after each branch);
   feature     C -> tensor: the stream mix is local, the mHC projection needs partial
               `x_flat @ phi` and the sum of squares psum-ed (n^2 + 2n + 1 floats per token);
   sequence    T -> tensor (Megatron sequence parallelism: gathered before attention/MLP).
-Flax resolves rules in order and uses each mesh axis at most once per array, so the model-parallel rules
-(heads, mlp, vocab) come before the stream rules: a weight `[embed, heads, kv]` stays head-sharded while
-activations `[B, T, n, C]` become feature-sharded.
+Flax resolves rules in order and uses each mesh axis at most once per array (a tuple rule applies only
+when all its axes are free), so the model-parallel rules (heads, mlp, vocab) come before the stream
+rules: a weight `[embed, heads, kv]` stays head-sharded while activations `[B, T, n, C]` become
+feature-sharded.
 """
 from __future__ import annotations
 
@@ -42,20 +51,22 @@ def _n_slices(devices) -> int:
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-  """Mesh over `("data", "fsdp", "tensor")` with explicit `AxisType.Auto` axes.
+  """Mesh over `MESH_AXES` = (data, expert, fsdp, tensor) with explicit `AxisType.Auto` axes.
 
   `devices`: defaults to `jax.devices()`; TPU topology descriptions (ahead-of-time) also work. For
-  `hsdp` on several slices the data axis spans slices (DCN) and fsdp/tensor stay inside one (ICI).
+  `hsdp` on several slices the data axis spans slices (DCN) and expert/fsdp/tensor stay inside one
+  (ICI).
   """
   devices = list(jax.devices() if devices is None else devices)
   n_slices = _n_slices(devices)
-  shape = mesh_cfg.resolved_shape(len(devices), n_slices)
+  shape = mesh_cfg.mesh_shape(len(devices), n_slices)
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if n_slices > 1:
     if shape[0] % n_slices:
-      fail("mesh.shape", shape, f"the data axis must be a multiple of the {n_slices} slices")
-    ici = (shape[0] // n_slices, shape[1], shape[2])
-    dev_array = mesh_utils.create_hybrid_device_mesh(ici, (n_slices, 1, 1), devices)
+      fail("mesh.shape", mesh_cfg.resolved_shape(len(devices), n_slices),
+           f"the data axis (data / expert = {shape[0]}) must be a multiple of the {n_slices} slices")
+    ici = (shape[0] // n_slices, *shape[1:])
+    dev_array = mesh_utils.create_hybrid_device_mesh(ici, (n_slices, 1, 1, 1), devices)
     return Mesh(dev_array, MESH_AXES, axis_types=axis_types)
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
@@ -69,8 +80,9 @@ def logical_rules(mesh_cfg: MeshConfig) -> list[tuple[str, Any]]:
   rules: list[tuple[str, Any]] = [("batch", BATCH_AXES)]
   if s in ("tp", "fsdp_tp"):
     rules += [("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor")]
+  rules += [("experts", "expert")]
   if s in ("fsdp", "fsdp_tp"):
-    rules += [("embed", BATCH_AXES)]
+    rules += [("embed", BATCH_AXES), ("embed", ("data", "fsdp"))]   # the second: expert weights
   elif s == "hsdp":
     rules += [("embed", "fsdp")]
   if mesh_cfg.stream_sharding == "feature":
@@ -88,9 +100,25 @@ def logical_spec(names: Sequence[str | None], mesh_cfg: MeshConfig) -> P:
 
 
 def batch_sharding(mesh: Mesh, mesh_cfg: MeshConfig) -> NamedSharding:
-  """Sharding of a `[B, T]` token batch: rows over (data, fsdp), time whole (per-process loading)."""
+  """Sharding of a `[B, T]` token batch: rows over BATCH_AXES, time whole (per-process loading)."""
   del mesh_cfg  # every strategy splits the batch over the same axes
   return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def expert_size(mesh) -> int:
+  """Size of the mesh's `expert` axis (1 when absent or no mesh)."""
+  if mesh is None or getattr(mesh, "empty", False) or "expert" not in mesh.axis_names:
+    return 1
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))["expert"]
+
+
+def check_experts(model_cfg, mesh) -> None:
+  """ConfigError unless `model.moe.n_routed` splits evenly over the mesh's expert ranks (call it
+  where the run's mesh is set up; no-op for dense models)."""
+  moe = getattr(model_cfg, "moe", None)
+  ep = expert_size(mesh)
+  if moe is not None and moe.n_routed % ep:
+    fail("model.moe.n_routed", moe.n_routed, f"must be divisible by the mesh's expert size {ep}")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

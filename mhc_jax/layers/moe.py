@@ -14,17 +14,31 @@ Input `[..., T, C]` (e.g. `[B, T, C]`): all tokens are routed together; the sequ
 sequence (the second-to-last axis). With `with_stats=True` the call returns `(y, stats)` instead, the
 statistics as values (`counts [E]`, `seq_aux_loss`, `router_entropy`): the form that passes through
 `nn.scan` and `jax.checkpoint` as ordinary outputs (the LM's blocks use it).
+
+Expert parallelism: when the active mesh (`jax.sharding.get_abstract_mesh()`, as the kernels use)
+has an `expert` axis of size > 1, the FFN runs as `mhc_jax.ops.moe_ep.moe_ffn_ep` inside
+`jax.shard_map`: tokens over the batch axes, gate/up/down over `expert` on E, the rest replicated
+(GSPMD gathers fsdp/tensor-sharded params at the boundary). Same variables, outputs and statistics;
+`implementation` is then ignored (the EP path is ragged). When the tokens do not split evenly over the
+batch shards it falls back to the single-program `moe_ffn`.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import functools
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
+from mhc_jax.config.mesh import BATCH_AXES
 from mhc_jax.config.moe import MoEConfig
 from mhc_jax.ops.moe import balance_bias_update, moe_ffn, sequence_balance_loss
+from mhc_jax.ops.moe_ep import moe_ffn_ep
 
 STATE = "moe_state"
 
@@ -65,9 +79,7 @@ class MoE(nn.Module):
     params = {k: nn.unbox(v) for k, v in params.items()}
 
     lead = x.shape[:-1]
-    y_TC, stats = moe_ffn(x.reshape(-1, C), params, top_k=cfg.top_k,
-                          routed_scale=cfg.routed_scale, dtype=self.dtype,
-                          implementation=self.implementation)
+    y_TC, stats = _ffn(x.reshape(-1, C), params, cfg, self.dtype, self.implementation)
     self.sow("intermediates", "counts", stats["counts"])
     self.sow("intermediates", "load", stats["load"])
     seq_loss = jnp.zeros((), jnp.float32)
@@ -82,6 +94,25 @@ class MoE(nn.Module):
       return y
     return y, {"counts": stats["counts"], "seq_aux_loss": seq_loss,
                "router_entropy": router_entropy(stats["affinity"])}
+
+
+def _ffn(x_TC, params, cfg: MoEConfig, dtype, implementation):
+  """`moe_ffn`, or `moe_ffn_ep` under `shard_map` when the active mesh has an expert axis > 1."""
+  kw = dict(top_k=cfg.top_k, routed_scale=cfg.routed_scale, dtype=dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+  batch = tuple(a for a in BATCH_AXES if a in sizes)
+  if sizes.get("expert", 1) <= 1 or x_TC.shape[0] % math.prod(sizes[a] for a in batch):
+    return moe_ffn(x_TC, params, implementation=implementation, **kw)
+  if cfg.n_routed % sizes["expert"]:
+    raise ValueError(f"model.moe.n_routed={cfg.n_routed} must be divisible by the mesh's expert "
+                     f"size {sizes['expert']}")
+  tok = P(batch)
+  p_specs = {k: P("expert") if k in ("gate", "up", "down") else P() for k in params}
+  stat_specs = {"counts": P(), "load": P(), "expert_ids": tok, "weights": tok, "affinity": tok}
+  fn = functools.partial(moe_ffn_ep, axis_name="expert", batch_axes=batch, **kw)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(tok, p_specs), out_specs=(tok, stat_specs))(
+      x_TC, params)
 
 
 def router_entropy(affinity_TE):

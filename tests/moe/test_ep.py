@@ -68,3 +68,65 @@ def test_ep_matches_single_device(shape, names):
   for key in params:
     np.testing.assert_allclose(np.asarray(g_ep[1][key]), np.asarray(g_ref[1][key]), rtol=1e-4,
                                atol=1e-6, err_msg=key)
+
+
+LAYER_CFG = MoEConfig(n_routed=8, n_shared=1, top_k=2, d_expert=4, seq_aux_weight=0.01)
+LAYER = MoE(LAYER_CFG, init_std=0.3, out_std=0.3)
+X = jnp.asarray(np.random.default_rng(2).normal(size=(8, 3, 8)), jnp.float32)   # B = 8 devices
+BOXED = LAYER.init(jax.random.key(0), X)
+
+
+def _layer_loss(variables, x):
+  y, stats = LAYER.clone(with_stats=True).apply(variables, x)
+  return jnp.sum(y ** 2) + stats["seq_aux_loss"], stats["counts"]
+
+
+def test_layer_expert_by_fsdp_matches_no_mesh():
+  mesh_cfg = MeshConfig("fsdp", (4, 2, 1), expert=4)             # data 1, expert 4, fsdp 2
+  mesh = S.make_mesh(mesh_cfg)
+  assert dict(mesh.shape) == {"data": 1, "expert": 4, "fsdp": 2, "tensor": 1}
+  v_sh = S.param_shardings(BOXED, mesh, mesh_cfg)
+  assert v_sh["params"]["gate"].spec == P("expert", ("data", "fsdp"), None)
+  assert v_sh["params"]["router"].spec == P(("data", "expert", "fsdp"), None)
+  x_sh = jax.sharding.NamedSharding(mesh, P(S.BATCH_AXES, None, None))
+  fn = jax.value_and_grad(_layer_loss, has_aux=True)
+  with S.sharding_context(mesh, mesh_cfg):
+    assert "all_to_all" in str(jax.make_jaxpr(fn)(BOXED, X))      # the EP path is taken
+    (loss, counts), grads = jax.jit(fn, in_shardings=(v_sh, x_sh))(BOXED, X)
+  (want_loss, want_counts), want_grads = jax.jit(fn)(BOXED, X)
+  assert "all_to_all" not in str(jax.make_jaxpr(fn)(BOXED, X))
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(counts), np.asarray(want_counts))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(grads["params"])),
+                          jax.tree.leaves(nn.unbox(want_grads["params"]))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_expert_config_errors():
+  with pytest.raises(ConfigError, match=r"^mesh\.expert=3 .*divide"):
+    MeshConfig("dp", (8, 1, 1), expert=3)
+  with pytest.raises(ConfigError, match=r"^mesh\.expert=3 .*divide"):
+    S.make_mesh(MeshConfig("dp", (-1, 2, 1), expert=3))
+  with pytest.raises(ConfigError, match=r"^mesh\.expert=-1 "):
+    MeshConfig("ep", expert=-1)
+  from mhc_jax.config import ModelConfig
+  model = dataclasses.replace(ModelConfig(), moe=MoEConfig(n_routed=6, top_k=2, d_expert=4))
+  mesh = S.make_mesh(MeshConfig("ep", (4, 2, 1)))                 # expert 4, fsdp 2
+  with pytest.raises(ConfigError, match=r"^model\.moe\.n_routed=6 .*expert size 4"):
+    S.check_experts(model, mesh)
+  S.check_experts(dataclasses.replace(model, moe=MoEConfig(n_routed=8, top_k=2, d_expert=4)), mesh)
+  S.check_experts(ModelConfig(), mesh)                             # dense: nothing to split
+
+
+@pytest.mark.parametrize("cfg, want", [
+    (MeshConfig("ep"), (1, 8, 1, 1)), (MeshConfig("dp"), (8, 1, 1, 1)),
+    (MeshConfig("fsdp"), (1, 1, 8, 1)), (MeshConfig("tp"), (1, 1, 1, 8)),
+    (MeshConfig("fsdp_tp"), (1, 1, 4, 2)), (MeshConfig("hsdp"), (1, 1, 8, 1)),
+    (MeshConfig("fsdp_tp", (2, 2, 2), expert=2), (1, 2, 2, 2)),
+    (MeshConfig("ep", (4, 2, 1)), (1, 4, 2, 1)), (MeshConfig("ep", (8, 1, 1), expert=2), (4, 2, 1, 1)),
+])
+def test_mesh_shapes(cfg, want):
+  mesh = S.make_mesh(cfg)
+  assert mesh.axis_names == ("data", "expert", "fsdp", "tensor")
+  assert tuple(mesh.shape[a] for a in mesh.axis_names) == want
+  assert cfg.resolved_shape(8) == (want[0] * want[1], want[2], want[3])   # shape stays 3-wide

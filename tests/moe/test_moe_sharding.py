@@ -1,5 +1,6 @@
-"""The MoE module's logical names resolve under every sharding strategy (the new "experts" name is
-unsplit until expert parallelism exists), and a sharded forward + gradient equals one device."""
+"""The MoE module's logical names resolve under every sharding strategy ("experts" maps to the
+`expert` mesh axis, size 1 unless expert parallelism is asked for), and a sharded forward + gradient
+equals one device."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ def _loss(variables, x):
 
 
 @pytest.mark.parametrize("strategy, shape", [("dp", None), ("fsdp", None), ("fsdp_tp", (1, 4, 2)),
-                                             ("hsdp", (2, 4, 1))])
+                                             ("hsdp", (2, 4, 1)),
+                                             ("ep", (4, 2, 1))])
 def test_sharded_matches_single_device(strategy, shape):
   mesh_cfg = MeshConfig(strategy=strategy, shape=shape)
   specs = nn.get_partition_spec(BOXED)
@@ -30,7 +32,7 @@ def test_sharded_matches_single_device(strategy, shape):
   for spec in jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec)):
     resolved = S.logical_spec(tuple(spec), mesh_cfg)            # no unknown-name errors
     assert len(resolved) == len(spec)
-  assert S.logical_spec(("experts", "embed", "mlp"), mesh_cfg)[0] is None
+  assert S.logical_spec(("experts", "embed", "mlp"), mesh_cfg)[0] == "expert"
   mesh = S.make_mesh(mesh_cfg)
   v_sh = S.param_shardings(BOXED, mesh, mesh_cfg)
   x_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(S.BATCH_AXES, None, None))

@@ -31,15 +31,15 @@ def test_shape_must_match_devices():
 
 
 @pytest.mark.parametrize("strategy, shape, want", [
-    ("dp", None, (8, 1, 1)), ("fsdp", None, (1, 8, 1)), ("tp", None, (1, 1, 8)),
-    ("fsdp_tp", None, (1, 4, 2)), ("hsdp", None, (1, 8, 1)), ("hsdp", (2, -1, 1), (2, 4, 1)),
-    ("fsdp_tp", [1, -1, 4], (1, 2, 4)),
+    ("dp", None, (8, 1, 1, 1)), ("fsdp", None, (1, 1, 8, 1)), ("tp", None, (1, 1, 1, 8)),
+    ("fsdp_tp", None, (1, 1, 4, 2)), ("hsdp", None, (1, 1, 8, 1)), ("hsdp", (2, -1, 1), (2, 1, 4, 1)),
+    ("fsdp_tp", [1, -1, 4], (1, 1, 2, 4)), ("ep", None, (1, 8, 1, 1)),
 ])
 def test_make_mesh_shapes_and_auto_axes(strategy, shape, want):
   mesh = S.make_mesh(MeshConfig(strategy, shape))
   assert mesh.axis_names == MESH_AXES
   assert tuple(mesh.shape[a] for a in MESH_AXES) == want
-  assert mesh.axis_types == (AxisType.Auto,) * 3
+  assert mesh.axis_types == (AxisType.Auto,) * 4
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
@@ -52,7 +52,7 @@ def spec(names, strategy, stream="replicated"):
   return S.logical_spec(names, MeshConfig(strategy, stream_sharding=stream))
 
 
-BATCH = ("data", "fsdp")
+BATCH = ("data", "expert", "fsdp")
 
 
 def test_rules_per_strategy():
@@ -60,7 +60,7 @@ def test_rules_per_strategy():
   x = ("batch", "length", "streams", "embed")
   assert spec(w_in, "dp") == P(None, None) and spec(x, "dp") == P(BATCH, None, None, None)
   assert spec(w_in, "fsdp") == P(BATCH, None) and spec(emb, "fsdp") == P(None, BATCH)
-  # activations: the batch takes (data, fsdp) first, so `embed` cannot reuse fsdp.
+  # activations: the batch takes (data, expert, fsdp) first, so `embed` cannot reuse fsdp.
   assert spec(x, "fsdp") == P(BATCH, None, None, None)
   assert spec(w_in, "tp") == P(None, "tensor") and spec(w_q, "tp") == P(None, "tensor", None)
   assert spec(emb, "tp") == P("tensor", None)
