@@ -23,7 +23,7 @@ MODEL = ModelConfig(vocab_size=256, d_model=C, n_layers=1, n_heads=4, d_ff=64, m
                     dtype="float32", connection=ConnectionConfig(kind="mhc", n_streams=N,
                                                                  sinkhorn_iters=3))
 SHAPES = {"dp": (4, 1, 2), "fsdp": (1, 4, 2), "tp": (2, 1, 4), "fsdp_tp": (1, 4, 2),
-          "hsdp": (2, 2, 2)}
+          "hsdp": (2, 2, 2), "ep": (4, 1, 2)}
 CASES = [(s, st) for s in STRATEGIES for st in STREAM_SHARDINGS]
 
 

@@ -52,7 +52,7 @@ def test_two_processes_train_save_restore_other_strategy_match_one_process(tmp_p
   multi = _launch(2, 4, tmp_path / "multi", "fsdp", "fsdp_tp:1,4,2")
   single = _launch(1, 8, tmp_path / "single", "dp", "tp:2,1,4")
   assert multi["processes"] == 2 and multi["devices"] == 8
-  assert multi["mesh_b"] == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert multi["mesh_b"] == {"data": 1, "expert": 1, "fsdp": 4, "tensor": 2}
   assert len(multi["losses"]) == 5
   np.testing.assert_allclose(multi["losses"], single["losses"], rtol=2e-5)
   assert multi["losses"][-1] < multi["losses"][0]        # it actually trains

@@ -67,7 +67,7 @@ def _compiled(mesh_cfg):
 
 
 CASES = [("dp", None, "replicated"), ("fsdp", None, "replicated"), ("tp", None, "replicated"),
-         ("fsdp_tp", (1, 4, 2), "replicated"), ("hsdp", (2, 4, 1), "replicated"),
+         ("fsdp_tp", (1, 4, 2), "replicated"), ("hsdp", (2, 4, 1), "replicated"), ("ep", (4, 1, 2), "replicated"),
          ("tp", (2, 1, 4), "feature"), ("tp", (2, 1, 4), "sequence")]
 
 
@@ -88,16 +88,16 @@ def test_strategy_matches_single_device(strategy, shape, stream, reference):
                                err_msg=jax.tree_util.keystr(path))
   # the layout really is the strategy's: params are split where the rules say
   q = params["blocks"]["attn"]["query"]["kernel"]        # [L, embed, heads, kv]
-  d, f, t = (mesh.shape[a] for a in MESH_AXES)
-  want = {"dp": 1, "fsdp": d * f, "tp": t, "fsdp_tp": d * f * t, "hsdp": f}[strategy]
+  d, e, f, t = (mesh.shape[a] for a in MESH_AXES)
+  want = {"dp": 1, "fsdp": d * e * f, "tp": t, "fsdp_tp": d * e * f * t, "hsdp": f, "ep": 1}[strategy]
   assert q.addressable_shards[0].data.size * want == q.size
 
 
 def test_stream_sharding_constrains_the_residual_streams():
   """The model's `[B, T, n, C]` constraints follow the stream sharding in the lowered program."""
-  want = {"replicated": '[{"data", "fsdp"}, {}, {}, {}]',
-          "feature": '[{"data", "fsdp"}, {}, {}, {"tensor"}]',
-          "sequence": '[{"data", "fsdp"}, {"tensor"}, {}, {}]'}
+  want = {"replicated": '[{"data", "expert", "fsdp"}, {}, {}, {}]',
+          "feature": '[{"data", "expert", "fsdp"}, {}, {}, {"tensor"}]',
+          "sequence": '[{"data", "expert", "fsdp"}, {"tensor"}, {}, {}]'}
   for stream, spec in want.items():
     cfg = MeshConfig("tp", (2, 1, 4), stream)
     mesh = S.make_mesh(cfg)

@@ -24,7 +24,7 @@ def test_hsdp_mesh_spans_slices_on_the_data_axis():
                                       chip_config_name="default", chips_per_host_bounds=(2, 2, 1),
                                       num_slices=2).devices
   mesh = S.make_mesh(MeshConfig("hsdp"), devs)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 2, "expert": 1, "fsdp": 4, "tensor": 1}
   for i in range(2):     # each data row is one slice (DCN), fsdp stays inside it (ICI)
     assert {d.slice_index for d in mesh.devices[i].flat} == {i}
 

@@ -39,7 +39,7 @@ def test_fsdp_state_is_born_sharded_with_sharded_moments():
   assert setup.mesh.shape["fsdp"] == 8
   state = create_state(cfg, setup)
   emb = state.params["embed"]["embedding"]
-  assert emb.sharding.spec == P(None, ("data", "fsdp"))
+  assert emb.sharding.spec == P(None, ("data", "expert", "fsdp"))
   assert emb.addressable_shards[0].data.shape == (256, 32 // 8)
   mu = _mu_leaves(state.opt_state)["embed"]["embedding"]
   assert mu.sharding.spec == emb.sharding.spec
