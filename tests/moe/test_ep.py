@@ -81,12 +81,15 @@ def _layer_loss(variables, x):
   return jnp.sum(y ** 2) + stats["seq_aux_loss"], stats["counts"]
 
 
-def test_layer_expert_by_fsdp_matches_no_mesh():
-  mesh_cfg = MeshConfig("fsdp", (4, 2, 1), expert=4)             # data 1, expert 4, fsdp 2
+@pytest.mark.parametrize("mesh_cfg, sizes, gate_spec", [
+    (MeshConfig("fsdp", (4, 2, 1), expert=4), (1, 4, 2, 1), P("expert", ("data", "fsdp"), None)),
+    (MeshConfig("fsdp_tp", (2, 2, 2), expert=2), (1, 2, 2, 2), P("expert", ("data", "fsdp"), "tensor")),
+])
+def test_layer_expert_parallel_matches_no_mesh(mesh_cfg, sizes, gate_spec):
   mesh = S.make_mesh(mesh_cfg)
-  assert dict(mesh.shape) == {"data": 1, "expert": 4, "fsdp": 2, "tensor": 1}
+  assert dict(mesh.shape) == dict(zip(("data", "expert", "fsdp", "tensor"), sizes))
   v_sh = S.param_shardings(BOXED, mesh, mesh_cfg)
-  assert v_sh["params"]["gate"].spec == P("expert", ("data", "fsdp"), None)
+  assert v_sh["params"]["gate"].spec == gate_spec
   assert v_sh["params"]["router"].spec == P(("data", "expert", "fsdp"), None)
   x_sh = jax.sharding.NamedSharding(mesh, P(S.BATCH_AXES, None, None))
   fn = jax.value_and_grad(_layer_loss, has_aux=True)
