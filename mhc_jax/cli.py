@@ -4,6 +4,7 @@
                   [--resume | --force] [--no-progress]
     mhc-jax eval --run-dir D [--step N] [--split validation|train] [--batches K]
     mhc-jax sample --run-dir D [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
+    mhc-jax sample|eval --run-dir D --max-memory 2GB   (layers beyond the budget stream from disk)
     mhc-jax plot RUN_DIR [RUN_DIR ...] [--out plot.png]
     mhc-jax show-config [--preset P] [--set ...]
     mhc-jax bench kernels ...          (mhc_jax.tools.bench_kernels)
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   e.add_argument("--split", default="validation", choices=("validation", "train"))
   e.add_argument("--batches", type=int, default=None, help="default: train.eval_batches")
+  importlib.import_module("mhc_jax.quant.cli").add_max_memory(e)   # layers streamed from disk
 
   s = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
   s.add_argument("--run-dir", required=True)
@@ -79,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--top-k", type=int, default=40)
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--num", type=int, default=1, help="number of samples")
+  importlib.import_module("mhc_jax.quant.cli").add_max_memory(s)
 
   pl = sub.add_parser("plot", help="plot loss and gain curves of runs to PNG")
   pl.add_argument("run_dirs", nargs="+")
@@ -372,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     qcli = importlib.import_module("mhc_jax.quant.cli")
     if args.command == "quantize":
       return qcli.run(args)
+    if args.command in ("eval", "sample") and args.max_memory is not None:
+      qcli.parse_size(args.max_memory)   # a bad size answers before JAX loads
+      _check_loaded_args(args)
+      return qcli.run_budgeted(args)     # run dir or quantised dir, within --max-memory
     if args.command in ("eval", "sample") and qcli.is_quantized_dir(args.run_dir):
       _check_loaded_args(args)
       return qcli.run_loaded(args)   # a quantised checkpoint (mhc-jax quantize --out)

@@ -10,8 +10,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 
 from mhc_jax.config import ConfigError
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text) -> int:
+  """`2GB`, `512MB`, `1.5GiB`, `1000000` -> bytes; ConfigError naming `--max-memory` otherwise."""
+  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+  unit = m and m.group(2).upper()
+  if not m or unit not in _UNITS:
+    raise ConfigError(f"--max-memory={text!r} is not allowed: a size such as 2GB, 512MB, 1.5GiB")
+  n = int(float(m.group(1)) * _UNITS[unit])
+  if n <= 0:
+    raise ConfigError(f"--max-memory={text!r} is not allowed: a size > 0")
+  return n
+
+
+def add_max_memory(parser):
+  """`--max-memory SIZE` of `mhc-jax sample` / `mhc-jax eval` (`mhc_jax.quant.stream`)."""
+  parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                      help="memory budget for the weights, KV cache and activations, e.g. 2GB, "
+                      "512MB, 1.5GiB: layers that do not fit are streamed from disk")
 
 
 def add_parser(subparsers):
@@ -70,4 +95,26 @@ def run_loaded(args) -> int:
     print(t)
     if args.num > 1:
       print("-" * 60)
+  return 0
+
+
+def run_budgeted(args) -> int:
+  """`mhc-jax eval|sample --max-memory SIZE` for a run dir or a quantised dir (the command's argument
+  checks have run); the report (mode, tokens/s, peak RSS) goes to stderr for `sample`."""
+  budget = parse_size(args.max_memory)
+  from mhc_jax.quant.infer import budgeted_eval, budgeted_sample
+  if args.command == "eval":
+    print(json.dumps(budgeted_eval(args.run_dir, budget, step=args.step, batches=args.batches,
+                                   split=args.split)))
+    return 0
+  texts, report = budgeted_sample(args.run_dir, budget, args.prompt, step=args.step,
+                                  tokens=args.tokens, temperature=args.temperature,
+                                  top_k=args.top_k, seed=args.seed, num=args.num)
+  for t in texts:
+    print(t)
+    if args.num > 1:
+      print("-" * 60)
+  print(f"{report['mode']}: {report['tokens_per_s']:.1f} tokens/s, peak RSS "
+        f"{report['peak_rss_bytes'] / 2**20:.0f}MiB, {report['bytes_read_per_token'] / 2**20:.1f}MiB "
+        f"read per token (weights {report['weight_bytes'] / 2**20:.1f}MiB)", file=sys.stderr)
   return 0

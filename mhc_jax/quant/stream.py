@@ -14,9 +14,9 @@ sequences, no cache), shared by all layers; prefill, then one token per step wit
 and rng sequence of `mhc_jax.sample.decode`, so greedy tokens equal the in-memory run's. Quantised
 layers run through the qwix PTQ wrapper of `Block` with the rules of `mhc_jax.quant.core.rules`.
 
-Budget (`plan`): resident weights + KV cache + `ACTIVATIONS` allowance + `slots` streamed layer
-buffers (2 with prefetch, 1 without) + `cached` layers <= budget. Not counted: the Python / JAX
-runtime and compiled code (the process's baseline before weights load).
+Budget (`plan`): resident weights + KV cache + activations (`activation_bytes`, an estimate) +
+`slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget. Not counted:
+the Python / JAX runtime and compiled code (the process's resident set before weights load).
 """
 from __future__ import annotations
 
@@ -26,10 +26,8 @@ import functools
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import tempfile
-import time
 
 import flax
 import flax.linen as nn
@@ -54,23 +52,7 @@ STREAM = "stream"
 META = "stream.json"
 RESIDENT = "resident"
 ALIGN = 64
-ACTIVATIONS = 16 << 20      # allowance for activations and per-call temporaries, bytes
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text) -> int:
-  """`2GB`, `512MB`, `1.5GiB`, `1000000` -> bytes; ConfigError naming `--max-memory` otherwise."""
-  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-  unit = m and m.group(2).upper()
-  if not m or unit not in _UNITS:
-    raise ConfigError(f"--max-memory={text!r} is not allowed: a size such as 2GB, 512MB, 1.5GiB")
-  n = int(float(m.group(1)) * _UNITS[unit])
-  if n <= 0:
-    raise ConfigError(f"--max-memory={text!r} is not allowed: a size > 0")
-  return n
-
-
+ACT_SLACK = 1 << 20         # fixed part of the activation allowance, bytes
 def fmt_bytes(n: float) -> str:
   return f"{n / 2**20:.1f}MiB"
 
@@ -165,6 +147,9 @@ def ensure_layout(run_dir: str, step: int | None = None) -> str:
   the whole checkpoint once does not count against this process's memory."""
   if not os.path.isdir(run_dir):
     raise ConfigError(f"--run-dir {run_dir!r} is not allowed: no such directory")
+  if getattr(rd.read_config(run_dir).model, "moe", None) is not None:
+    raise ConfigError(f"--max-memory is not allowed for {run_dir!r}: streaming the layers of an MoE "
+                      f"model (model.moe) is not supported; run it without --max-memory")
   if is_quantized_dir(run_dir):
     read_meta(run_dir)
     if step is not None:
@@ -203,6 +188,28 @@ class Layout:
   @property
   def weight_bytes(self) -> int:
     return sum(g["bytes"] for g in self.groups.values())
+
+  @property
+  def max_leaf(self) -> int:
+    return max(x["nbytes"] for g in self.groups.values() for x in g["leaves"])
+
+  def load(self, group: str):
+    """The plain tree of `group` as device arrays, read leaf by leaf (each into its own new host
+    array, handed to `jax.device_put`, which may keep it as the device buffer on CPU)."""
+    flat = {}
+    with open(os.path.join(self.path, group + ".bin"), "rb", buffering=0) as f:
+      for x in self.groups[group]["leaves"]:
+        a = np.empty(x["shape"], jnp.dtype(x["dtype"]))
+        view = memoryview(a.reshape(-1).view(np.uint8))
+        f.seek(x["offset"])
+        got = 0
+        while got < x["nbytes"]:
+          n = f.readinto(view[got:])
+          if not n:
+            raise OSError(f"{self.path}/{group}.bin: short read")
+          got += n
+        flat[tuple(x["path"].split("/"))] = jax.device_put(a)
+    return flax.traverse_util.unflatten_dict(flat)
 
   def read(self, group: str):
     """The plain tree of `group` (numpy views of one buffer read from its file)."""
@@ -318,6 +325,7 @@ class Plan:
   slots: int              # streamed layer buffers (2: current + prefetched next)
   cached: int             # layers 0..cached-1 kept in memory
   n_layers: int
+  read_buffer: int = 0    # host copy of one leaf while it is handed to the device (largest leaf)
 
   @property
   def in_memory(self) -> bool:
@@ -325,28 +333,46 @@ class Plan:
 
   @property
   def minimum(self) -> int:
-    return self.resident + self.kv_cache + self.activations + self.layer
+    return self.resident + self.kv_cache + self.activations + self.read_buffer + self.layer
 
 
-def plan(layout: Layout, budget: int, kv_cache: int = 0) -> Plan:
+def activation_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
+  """Estimated live activations of one block call on `[batch, seq]` tokens (float32): a few copies
+  of the streams, the MLP hidden, attention scores over `max_seq_len`, plus `ACT_SLACK`."""
+  per_tok = 4 * cfg.connection.n * cfg.d_model + 3 * cfg.ff_dim + 2 * cfg.n_heads * cfg.max_seq_len
+  return 4 * max(batch, 1) * seq * per_tok + ACT_SLACK
+
+
+def plan(layout: Layout, budget: int, kv_cache: int = 0, activations: int | None = None) -> Plan:
   """How many layers stay in memory under `budget`; ConfigError when not even one layer fits."""
-  n = layout.cfg.model.n_layers
+  cfg = layout.cfg.model
+  n = cfg.n_layers
   lb = max(layout.layer_bytes)
-  fixed = layout.nbytes(RESIDENT) + kv_cache + ACTIVATIONS
-  p = Plan(budget, layout.nbytes(RESIDENT), kv_cache, ACTIVATIONS, lb, 0, 0, n)
+  act = activation_bytes(cfg, 1, cfg.max_seq_len) if activations is None else activations
+  fixed = layout.nbytes(RESIDENT) + kv_cache + act + layout.max_leaf
+  p = Plan(budget, layout.nbytes(RESIDENT), kv_cache, act, lb, 0, 0, n, layout.max_leaf)
   if fixed + sum(layout.layer_bytes) <= budget:
     return dataclasses.replace(p, cached=n)
   free = (budget - fixed) // lb
   if free < 1:
     raise ConfigError(f"--max-memory={fmt_bytes(budget)} is not allowed: below the minimum "
                       f"{fmt_bytes(p.minimum)} = resident weights {fmt_bytes(p.resident)} + KV cache "
-                      f"{fmt_bytes(kv_cache)} + activations {fmt_bytes(ACTIVATIONS)} + one layer "
-                      f"{fmt_bytes(lb)}")
+                      f"{fmt_bytes(kv_cache)} + activations {fmt_bytes(act)} + read buffer "
+                      f"{fmt_bytes(layout.max_leaf)} + one layer {fmt_bytes(lb)}")
   slots = min(2, free)
   return dataclasses.replace(p, slots=slots, cached=min(free - slots, n - 1))
 
 
+@functools.lru_cache(maxsize=16)
+def _layer_cache_shapes(cfg: ModelConfig, batch: int) -> list:
+  full = jax.eval_shape(lambda: init_cache(dataclasses.replace(cfg, scan_layers=False), batch))
+  return [full[f"block_{l}"] for l in range(cfg.n_layers)]
+
+
 def kv_cache_bytes(cfg: ModelConfig, batch: int) -> int:
+  """Bytes of the KV cache of `batch` sequences (0: no cache, as in eval)."""
+  if batch < 1:
+    return 0
   return tree_bytes(jax.eval_shape(lambda: init_cache(cfg, batch)))
 
 
@@ -354,11 +380,12 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int) -> int:
 class StreamedLM:
   """The model of a layout run layer by layer under `budget` bytes (see `plan`)."""
 
-  def __init__(self, layout: Layout, budget: int, batch: int = 1):
+  def __init__(self, layout: Layout, budget: int, batch: int = 1, eval_batch: tuple | None = None):
+    """`batch` sequences decoded with a KV cache, or `eval_batch=(B, T)` for eval (no cache)."""
     self.layout, self.cfg, self.spec = layout, layout.cfg.model, layout.spec
-    self.plan = plan(layout, budget, kv_cache_bytes(self.cfg, batch))
+    self.plan = budget_plan(layout, budget, batch, eval_batch)
     self.bytes_read = 0
-    self.resident = self._to_params(layout.read(RESIDENT), ends=True)
+    self.resident = self._to_params(layout.load(RESIDENT), ends=True)
     self.cached = [self._load(l) for l in range(self.plan.cached)]
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.plan.slots > 1 else None
 
@@ -369,7 +396,7 @@ class StreamedLM:
 
   def _load(self, l: int):
     self.bytes_read += self.layout.nbytes(f"layer_{l}")
-    return jax.device_put(self._to_params(self.layout.read(f"layer_{l}")))
+    return self._to_params(self.layout.load(f"layer_{l}"))
 
   def _layers(self):
     """(l, params) for l = 0..L-1: cached ones from memory, the others read from disk, the next
@@ -392,9 +419,8 @@ class StreamedLM:
                seed: int = 0) -> np.ndarray:
     """As `mhc_jax.sample.generate`: `[B, max_new_tokens]` token ids after `prompt_ids`."""
     prompt = check_generation(self.cfg, prompt_ids, max_new_tokens, temperature, seed)
-    cfg = dataclasses.replace(self.cfg, scan_layers=False)
-    full = init_cache(cfg, prompt.shape[0])
-    caches = [full.pop(f"block_{l}") for l in range(self.cfg.n_layers)]
+    shapes = _layer_cache_shapes(self.cfg, prompt.shape[0])
+    caches = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), c) for c in shapes]
     rng = jax.random.PRNGKey(seed)
     samp = {"temperature": float(temperature), "top_k": int(top_k)}
     tok, out = jnp.asarray(prompt), []
@@ -473,27 +499,33 @@ def _say(msg: str):
   print(msg, file=sys.stderr, flush=True)
 
 
-def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: int = 1):
+def budget_plan(layout: Layout, budget: int, batch: int = 1, eval_batch: tuple | None = None) -> Plan:
+  """`plan` for decoding `batch` sequences (KV cache of `max_seq_len`), or for eval on `[B, T]`."""
+  cfg = layout.cfg.model
+  if eval_batch:
+    return plan(layout, budget, 0, activation_bytes(cfg, *eval_batch))
+  return plan(layout, budget, kv_cache_bytes(cfg, batch), activation_bytes(cfg, batch,
+                                                                            cfg.max_seq_len))
+
+
+def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: int = 1,
+                  eval_batch: tuple | None = None):
   """(layout, StreamedLM or None): None when the whole model fits `budget` (run it in memory)."""
   layout = Layout(ensure_layout(run_dir, step))
-  p = plan(layout, budget, kv_cache_bytes(layout.cfg.model, batch))
+  if eval_batch:
+    eval_batch = (layout.cfg.data.batch_size, layout.cfg.data.seq_len)
+  p = budget_plan(layout, budget, batch, eval_batch)
   if p.in_memory:
     _say(f"--max-memory={fmt_bytes(budget)}: the model ({fmt_bytes(layout.weight_bytes)} of "
          f"weights) fits; running in memory")
     return layout, None
-  m = StreamedLM(layout, budget, batch)
+  m = StreamedLM(layout, budget, batch, eval_batch)
   _say(f"--max-memory={fmt_bytes(budget)}: weights {fmt_bytes(layout.weight_bytes)}; streaming "
        f"{p.n_layers - p.cached} of {p.n_layers} layers ({fmt_bytes(p.layer)} each) from "
        f"{layout.path}")
   return layout, m
 
 
-def timed(fn, *a, **kw):
-  t = time.perf_counter()
-  out = fn(*a, **kw)
-  return out, time.perf_counter() - t
-
-
-__all__ = ["parse_size", "Layout", "StreamedLM", "Plan", "plan", "ensure_layout", "build_layout",
+__all__ = ["Layout", "StreamedLM", "Plan", "plan", "ensure_layout", "build_layout",
            "write_layout", "load_params", "open_budgeted", "peak_rss", "current_rss",
-           "reset_peak_rss", "kv_cache_bytes", "Ends", "ACTIVATIONS", "timed"]
+           "reset_peak_rss", "kv_cache_bytes", "activation_bytes", "budget_plan", "Ends"]

@@ -1,0 +1,179 @@
+"""Layer streaming (`--max-memory`) vs in-memory decoding: tokens/s, peak RSS, bytes read per token.
+
+    JAX_PLATFORMS=cpu python -m mhc_jax.tools.bench_stream [--d-model 512] [--layers 8]
+        [--tokens 32] [--budget-frac 0.5] [--out experiments/results/stream_cpu.json]
+
+A float32 model initialised with `LM(cfg).init` (weights dominate: vocab 256) is written once as a
+`mhc_jax.quant.stream` layout; then each mode runs in its own child process (`--child`): in memory
+(`load_params` + the `lax.scan` decoder of `mhc_jax.sample`), and streamed at a budget of
+`--budget-frac` of the weights. Each child generates once (compiling), drops the model, takes its
+resident set (`rss0`: Python, the JAX runtime, compiled code), resets the peak
+(`/proc/self/clear_refs`), builds the model again, times greedy generation and reads VmHWM:
+`peak_rss - rss0` is what the model took (weights, KV cache, activations, read buffers). The layer
+files are in the OS page cache after the first pass, so "disk" reads here run at memory-copy speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+DEFAULT_OUT = "experiments/results/stream_cpu.json"
+
+
+def _trim():
+  """Free what Python and the allocator hold but no longer use (glibc `malloc_trim`)."""
+  import ctypes
+  import gc
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def child(layout_path: str, budget: int | None, tokens: int, prompt_len: int, reps: int = 1) -> dict:
+  """Measure one mode in this process (run it in a fresh process: the peak RSS is per process).
+
+  Warm-up generation (compiles), model dropped, `rss0` = the resident set then (runtime + compiled
+  code), peak reset; then the model is built again and timed: `model_rss = peak - rss0`."""
+  import numpy as np
+  from mhc_jax.quant import stream
+  from mhc_jax.quant.infer import quantized_generate
+  layout = stream.Layout(layout_path)
+  cfg = layout.cfg.model
+  prompt = (np.arange(prompt_len, dtype=np.int32) * 7 + 1)[None] % cfg.vocab_size
+  kw = dict(max_new_tokens=tokens, temperature=0.0, top_k=0, seed=0)
+
+  def build():
+    if budget is None:
+      params = stream.load_params(layout)
+      return None, lambda: quantized_generate(cfg, layout.spec, params, prompt, **kw)
+    m = stream.StreamedLM(layout, budget, batch=1)
+    return m, lambda: m.generate(prompt, **kw)
+
+  m, run = build()
+  t = time.perf_counter()
+  out = run()
+  first = time.perf_counter() - t
+  if m:
+    m.close()
+  del m, run
+  _trim()
+  rss0 = stream.current_rss()
+  reset = stream.reset_peak_rss()
+  m, run = build()
+  read0 = m.bytes_read if m else 0
+  best = None
+  for _ in range(reps):
+    t = time.perf_counter()
+    out2 = run()
+    dt = time.perf_counter() - t
+    best = dt if best is None else min(best, dt)
+    assert (out2 == out).all()
+  res = {"mode": "in_memory" if m is None else "streamed", "budget_bytes": budget,
+         "weight_bytes": layout.weight_bytes, "rss0_bytes": rss0, "peak_rss_bytes": stream.peak_rss(),
+         "peak_reset_after_warmup": reset, "first_call_s": first, "tokens": tokens,
+         "prompt_len": prompt_len, "decode_s": best, "tokens_per_s": tokens / best,
+         "bytes_read_per_token": ((m.bytes_read - read0) / reps / tokens) if m else 0,
+         "tokens_out": np.asarray(out).tolist()}
+  res["model_rss_bytes"] = res["peak_rss_bytes"] - rss0
+  if m:
+    res["plan"] = {"cached_layers": m.plan.cached, "streamed_layers": m.plan.n_layers - m.plan.cached,
+                   "slots": m.plan.slots, "layer_bytes": m.plan.layer,
+                   "resident_bytes": m.plan.resident, "kv_cache_bytes": m.plan.kv_cache,
+                   "activations_bytes": m.plan.activations, "read_buffer_bytes": m.plan.read_buffer}
+    m.close()
+  return res
+
+
+def run_child(layout_path: str, budget: int | None, tokens: int, prompt_len: int, reps: int = 1,
+              env=None) -> dict:
+  """`child(...)` in a fresh Python process; its JSON result."""
+  cmd = [sys.executable, "-m", "mhc_jax.tools.bench_stream", "--child", layout_path,
+         "--budget", str(budget or 0), "--tokens", str(tokens), "--prompt-len", str(prompt_len),
+         "--reps", str(reps)]
+  e = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+  p = subprocess.run(cmd, capture_output=True, text=True, env=e, check=False)
+  if p.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def write_model(path: str, d_model: int, layers: int, heads: int, seq: int, seed: int = 0) -> str:
+  """Initialise a float32 model and write its layout to `path`."""
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from mhc_jax.config import apply_overrides
+  from mhc_jax.configs import tiny
+  from mhc_jax.model import LM
+  from mhc_jax.quant import stream
+  rc = apply_overrides(tiny(), [f"model.d_model={d_model}", f"model.n_layers={layers}",
+                                f"model.n_heads={heads}", f"model.max_seq_len={seq}",
+                                "model.init_std=0.1"])
+  params = LM(rc.model).init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+  return stream.write_layout(path, rc, jax.device_get(nn.meta.unbox(params)), None, {"step": 0})
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m mhc_jax.tools.bench_stream", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--d-model", type=int, default=512)
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--heads", type=int, default=8)
+  ap.add_argument("--tokens", type=int, default=32)
+  ap.add_argument("--prompt-len", type=int, default=16)
+  ap.add_argument("--reps", type=int, default=2, help="timed generations after the warm-up (best)")
+  ap.add_argument("--budget-frac", type=float, default=0.5, help="budget as a fraction of the weights")
+  ap.add_argument("--out", default=DEFAULT_OUT, help="result JSON ('-': none)")
+  ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+  a = ap.parse_args(argv)
+  if a.child:
+    print(json.dumps(child(a.child, a.budget or None, a.tokens, a.prompt_len, a.reps)))
+    return 0
+  from mhc_jax.tools.results import metadata, save_json
+  with tempfile.TemporaryDirectory() as tmp:
+    path = write_model(os.path.join(tmp, "layout"), a.d_model, a.layers, a.heads,
+                       a.prompt_len + a.tokens)
+    from mhc_jax.quant import stream
+    weights = stream.Layout(path).weight_bytes
+    budget = int(weights * a.budget_frac)
+    mem = run_child(path, None, a.tokens, a.prompt_len, a.reps)
+    st = run_child(path, budget, a.tokens, a.prompt_len, a.reps)
+  record = {
+      "command": " ".join(["python -m mhc_jax.tools.bench_stream"]
+                          + list(sys.argv[1:] if argv is None else argv)),
+      **metadata(),
+      "shapes": {"d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "vocab_size": 256,
+                 "n_streams": 4, "batch": 1, "prompt_len": a.prompt_len, "new_tokens": a.tokens,
+                 "dtype": "float32"},
+      "weight_bytes": weights, "budget_bytes": budget, "budget_frac": a.budget_frac,
+      "in_memory": mem, "streamed": st,
+      "same_tokens": mem["tokens_out"] == st["tokens_out"],
+      "speed_ratio": st["tokens_per_s"] / mem["tokens_per_s"],
+      "target_speed_ratio": 0.3,
+  }
+  for r in (mem, st):
+    print(f"{r['mode']:9s}: {r['tokens_per_s']:7.1f} tokens/s, model RSS "
+          f"{r['model_rss_bytes'] / 2**20:6.1f}MiB (peak {r['peak_rss_bytes'] / 2**20:.0f}MiB, "
+          f"runtime {r['rss0_bytes'] / 2**20:.0f}MiB), read {r['bytes_read_per_token'] / 2**20:.1f}"
+          f"MiB/token")
+  print(f"weights {weights / 2**20:.1f}MiB, budget {budget / 2**20:.1f}MiB, speed ratio "
+        f"{record['speed_ratio']:.2f}, same tokens {record['same_tokens']}")
+  if a.out != "-":
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(record, out)
+    print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
