@@ -428,6 +428,7 @@ class StreamedLM:
       x = _stem(self.resident, tok, **self._kw())
       for l, p in self._layers():
         x, caches[l] = _block_decode(p, caches[l], x, jnp.int32(l), **self._kw())
+        del p     # drop the layer before the next one is fetched (a streamed one is freed)
       nxt, rng = _head_sample(self.resident, x, rng, **self._kw(), **samp)
       out.append(nxt)
       tok = nxt[:, None]
@@ -437,6 +438,7 @@ class StreamedLM:
     x = _stem(self.resident, jnp.asarray(inputs), **self._kw())
     for l, p in self._layers():
       x = _block(p, x, jnp.int32(l), **self._kw())
+      del p
     return _head_loss(self.resident, x, jnp.asarray(targets), **self._kw())
 
   def evaluate(self, batches, n_bytes=None) -> dict:
