@@ -227,6 +227,7 @@ def finish(result) -> None:
     n_new = min(t.sample_tokens, cfg.model.max_seq_len - len(tokenizer.encode(t.sample_prompt)))
     if n_new >= 1:
       sample = sample_text(cfg.model, result.state.params, tokenizer, t.sample_prompt,
+                           moe_state=result.state.moe_state,
                            max_new_tokens=n_new, temperature=t.sample_temperature,
                            top_k=t.sample_top_k, seed=t.seed)
       sample_path = os.path.join(run_dir, rd.SAMPLE)
@@ -324,7 +325,7 @@ def cmd_sample(args) -> int:
                       f"{cfg.model.max_seq_len})")
   n_new = min(200, room) if args.tokens is None else args.tokens
   prompt = np.tile(ids[None], (args.num, 1))
-  out = generate(cfg.model, state.params, prompt, max_new_tokens=n_new,
+  out = generate(cfg.model, state.params, prompt, moe_state=state.moe_state, max_new_tokens=n_new,
                  temperature=args.temperature, top_k=args.top_k, seed=args.seed)
   for row in out:
     print(tok.decode(np.concatenate([ids, row])))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax.config import ConfigError, ModelConfig
-from mhc_jax.model import LM, init_cache
+from mhc_jax.model import LM, MOE_STATE, init_cache
 
 
 def sample_logits(rng, logits_BV, temperature: float, top_k: int):
@@ -27,17 +27,21 @@ def sample_logits(rng, logits_BV, temperature: float, top_k: int):
 
 
 def decode(model, params, prompt_BP, rng, *, cfg: ModelConfig, max_new_tokens: int,
-           temperature: float, top_k: int):
+           temperature: float, top_k: int, moe_state=None):
   """Prefill `prompt_BP` with the `decode=True` `model`, then sample `max_new_tokens` tokens in a
-  `lax.scan`; traceable (callers jit it with the sampling arguments static)."""
+  `lax.scan`; traceable (callers jit it with the sampling arguments static). `moe_state`: an MoE
+  model's balance biases (they choose the experts)."""
   cache = init_cache(cfg, prompt_BP.shape[0])
-  logits, mut = model.apply({"params": params, "cache": cache}, prompt_BP, mutable=["cache"])
+  extra = {MOE_STATE: moe_state} if moe_state else {}
+  logits, mut = model.apply({"params": params, "cache": cache, **extra}, prompt_BP,
+                            mutable=["cache"])
   rng, sub = jax.random.split(rng)
   first = sample_logits(sub, logits[:, -1], temperature, top_k)
 
   def step(carry, _):
     cache, tok, rng = carry
-    logits, mut = model.apply({"params": params, "cache": cache}, tok[:, None], mutable=["cache"])
+    logits, mut = model.apply({"params": params, "cache": cache, **extra}, tok[:, None],
+                              mutable=["cache"])
     rng, sub = jax.random.split(rng)
     nxt = sample_logits(sub, logits[:, -1], temperature, top_k)
     return (mut["cache"], nxt, rng), tok
@@ -48,8 +52,9 @@ def decode(model, params, prompt_BP, rng, *, cfg: ModelConfig, max_new_tokens: i
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
-def _generate(params, prompt_BP, rng, *, cfg: ModelConfig, **sampling):
-  return decode(LM(cfg, decode=True), params, prompt_BP, rng, cfg=cfg, **sampling)
+def _generate(params, prompt_BP, rng, moe_state, *, cfg: ModelConfig, **sampling):
+  return decode(LM(cfg, decode=True), params, prompt_BP, rng, cfg=cfg, moe_state=moe_state,
+                **sampling)
 
 
 def check_generation(cfg: ModelConfig, prompt_ids, max_new_tokens: int, temperature: float,
@@ -73,10 +78,10 @@ def check_generation(cfg: ModelConfig, prompt_ids, max_new_tokens: int, temperat
 
 
 def generate(cfg: ModelConfig, params, prompt_ids, *, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 40, seed: int = 0) -> np.ndarray:
+             top_k: int = 40, seed: int = 0, moe_state=None) -> np.ndarray:
   """`[B, max_new_tokens]` new token ids after `prompt_ids` (`[P]` or `[B, P]`)."""
   prompt = check_generation(cfg, prompt_ids, max_new_tokens, temperature, seed)
-  out = _generate(params, jnp.asarray(prompt), jax.random.PRNGKey(seed), cfg=cfg,
+  out = _generate(params, jnp.asarray(prompt), jax.random.PRNGKey(seed), moe_state or None, cfg=cfg,
                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                   top_k=int(top_k))
   return np.asarray(out)

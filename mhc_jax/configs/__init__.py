@@ -48,11 +48,13 @@ def tiny() -> RunConfig:
 
 PRESETS = {"default": default, "smoke": smoke, "tiny": tiny}
 # The tools' and experiments' presets: sharding_small / sharding_1b (`compare-sharding`), lm_* (LM
-# experiments); see those modules.
-from mhc_jax.configs import experiments as _experiments, sharding as _sharding  # noqa: E402
+# experiments), paper_* and moe_small (the mHC paper's MoE models); see those modules.
+from mhc_jax.configs import (experiments as _experiments, paper as _paper,  # noqa: E402
+                             sharding as _sharding)
 
 PRESETS.update(_sharding.PRESETS)
 PRESETS.update(_experiments.PRESETS)
+PRESETS.update(_paper.PRESETS)
 
 
 def get_preset(name: str) -> RunConfig:

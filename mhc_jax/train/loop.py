@@ -383,6 +383,7 @@ class _Loop:
     rec = {k: float(np.mean([w[k] for w in self.window])) for k in ("loss", "z_loss", "grad_norm")}
     rec.update(lr=m["lr"], param_norm=m["param_norm"], grad_norm_layers=m["grad_norm_layers"],
                perplexity=math.exp(min(rec["loss"], 700.0)), window_steps=len(self.window))
+    rec.update({k: v for k, v in m.items() if k.startswith("moe/")})   # MoE: the latest step's
     if self.timed:
       rec.update(step_time_s=dt / self.timed, tokens_per_s=self.tokens_per_step * self.timed / dt)
     if self.data.bytes_per_token:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from mhc_jax import kernels
 from mhc_jax import sharding as shd
 from mhc_jax.config import BATCH_AXES, RunConfig, compute_dtype, fail
-from mhc_jax.model import LM
+from mhc_jax.model import LM, MOE_STATE
 from mhc_jax.train.optimizer import make_optimizer
 
 
@@ -34,10 +34,13 @@ TRACE_UNDER_MESH = True
 
 @flax.struct.dataclass
 class TrainState:
-  """`step` = optimizer updates done."""
+  """`step` = optimizer updates done. `moe_state`: the MoE layers' balance biases (the model's
+  `moe_state` collection; updated by the step's balancing rule, never by the optimizer); `{}` for
+  a dense model."""
   step: jax.Array
   params: Any
   opt_state: Any
+  moe_state: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +85,11 @@ def _init_fn(cfg: RunConfig, tx):
   def init(seed_key):
     init_key, _ = jax.random.split(seed_key)
     tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-    params = model.init(init_key, tokens)["params"]
+    variables = model.init(init_key, tokens)
+    params = variables["params"]
     unboxed = nn.meta.unbox(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(unboxed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(unboxed),
+                      moe_state=variables.get(MOE_STATE, {}))
   return init
 
 
@@ -98,7 +103,8 @@ def state_shardings(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation
   state via tree_map_params)."""
   params_sh = shd.param_shardings(abstract.params, mesh, cfg.mesh)
   opt_sh = shd.opt_state_shardings(tx, abstract.opt_state, params_sh, mesh)
-  return TrainState(step=shd.replicated(mesh), params=params_sh, opt_state=opt_sh)
+  moe_sh = shd.param_shardings(abstract.moe_state, mesh, cfg.mesh)
+  return TrainState(step=shd.replicated(mesh), params=params_sh, opt_state=opt_sh, moe_state=moe_sh)
 
 
 def make_setup(cfg: RunConfig, devices=None) -> MeshSetup:
@@ -107,7 +113,8 @@ def make_setup(cfg: RunConfig, devices=None) -> MeshSetup:
   tx = make_optimizer(cfg.train)
   abstract = abstract_state(cfg, tx)
   shardings = state_shardings(cfg, mesh, tx, abstract)
-  abstract = abstract.replace(params=nn.meta.unbox(abstract.params))
+  abstract = abstract.replace(params=nn.meta.unbox(abstract.params),
+                              moe_state=nn.meta.unbox(abstract.moe_state))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   return MeshSetup(mesh=mesh, mesh_cfg=cfg.mesh, rules=rules, tx=tx, state_shardings=shardings,
@@ -120,7 +127,7 @@ def create_state(cfg: RunConfig, setup: MeshSetup) -> TrainState:
 
   def unboxed_init(key):
     s = init(key)
-    return s.replace(params=nn.meta.unbox(s.params))
+    return s.replace(params=nn.meta.unbox(s.params), moe_state=nn.meta.unbox(s.moe_state))
   with setup.context():
     return jax.jit(unboxed_init, out_shardings=setup.state_shardings)(
         jax.random.PRNGKey(cfg.train.seed))

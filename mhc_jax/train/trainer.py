@@ -31,10 +31,10 @@ class Trainer:
     batch_sh = {"inputs": s.batch_sharding, "targets": s.batch_sharding}
     self._train_step = jax.jit(make_train_step(cfg, s.tx), in_shardings=(s.state_shardings, batch_sh),
                                out_shardings=(s.state_shardings, None), donate_argnums=0)
-    self._eval_step = jax.jit(make_eval_step(cfg), in_shardings=(s.state_shardings.params, batch_sh))
+    model_sh = (s.state_shardings.params, batch_sh, s.state_shardings.moe_state)
+    self._eval_step = jax.jit(make_eval_step(cfg), in_shardings=model_sh)
     diag = make_diagnostics(cfg)
-    self._diag = (jax.jit(diag, in_shardings=(s.state_shardings.params, batch_sh))
-                  if diag is not None else None)
+    self._diag = jax.jit(diag, in_shardings=model_sh) if diag is not None else None
     self.state: TrainState | None = None
 
   @property
@@ -92,7 +92,7 @@ class Trainer:
     tot, n = 0.0, 0.0
     with self.context():
       for b in batches:
-        out = self._eval_step(self.state.params, self._device(b))
+        out = self._eval_step(self.state.params, self._device(b), self.state.moe_state)
         tot += float(out["loss_sum"])
         n += float(out["tokens"])
     return eval_summary(tot, n, n_bytes * jax.process_count() if n_bytes else None)
@@ -103,7 +103,7 @@ class Trainer:
     if self._diag is None:
       return None
     with self.context():
-      return self._diag(self.state.params, self._device(batch))
+      return self._diag(self.state.params, self._device(batch), self.state.moe_state)
 
   def save(self, checkpointer, step: int, data_iter, meta: dict, wait: bool = False):
     """Checkpoint `state` (taken after `step` updates) and the data iterator's position."""
