@@ -5,7 +5,8 @@
     cfg, spec, qparams, meta = load_quantized("runs/r-int8")
 
 CLI: `mhc-jax quantize --run-dir R --mode int8|int4 [--group-size 128] --out Q`; then
-`mhc-jax sample --run-dir Q`, `mhc-jax eval --run-dir Q`.
+`mhc-jax sample --run-dir Q`, `mhc-jax eval --run-dir Q`. With `--max-memory SIZE` (run dirs and
+quantised dirs) the layers that do not fit stream from disk: `mhc_jax.quant.stream`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Writes a weight-only quantised Orbax checkpoint of run `R` to `Q` (see `mhc_jax.quant.io`) and prints
 one JSON line: the weight bytes in memory and on disk, float32 vs quantised. `mhc-jax sample` and
-`mhc-jax eval` accept `--run-dir Q` (dispatched to `run_loaded`). Bad input is one line naming the
+`mhc-jax eval` accept `--run-dir Q` (dispatched to `run_loaded`), and `--max-memory SIZE` for run
+dirs and quantised dirs alike (`run_budgeted`, `mhc_jax.quant.stream`). Bad input is one line naming the
 field, exit status 2, nothing written. As in `mhc_jax.cli`, the heavy imports sit inside the
 handlers so that argument errors answer before JAX loads.
 """
