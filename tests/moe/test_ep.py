@@ -1,5 +1,6 @@
 """Expert parallelism: `moe_ffn_ep` under `shard_map` (expert axis 8, and data 2 × expert 4), the MoE
-layer under an expert × fsdp mesh, the `expert` mesh config and its errors."""
+layer under expert × fsdp (× tensor) meshes, the `expert` mesh config and its errors, and one train
+step of a small MoE LM under expert 4 × fsdp 2 against one device."""
 import dataclasses
 import functools
 
@@ -133,3 +134,48 @@ def test_mesh_shapes(cfg, want):
   assert mesh.axis_names == ("data", "expert", "fsdp", "tensor")
   assert tuple(mesh.shape[a] for a in mesh.axis_names) == want
   assert cfg.resolved_shape(8) == (want[0] * want[1], want[2], want[3])   # shape stays 3-wide
+
+
+def _moe_lm(mesh_cfg):
+  from mhc_jax import configs
+  from mhc_jax.config import ConnectionConfig
+  base = configs.tiny()
+  model = dataclasses.replace(base.model, n_layers=2, n_dense_layers=1,
+                              connection=ConnectionConfig(kind="residual", n_streams=1),
+                              moe=MoEConfig(n_routed=8, n_shared=1, top_k=2, d_expert=16,
+                                            seq_aux_weight=0.01, bias_update_rate=0.01))
+  data = dataclasses.replace(base.data, batch_size=8, seq_len=16)
+  return dataclasses.replace(base, model=model, data=data, mesh=mesh_cfg)
+
+
+@pytest.mark.slow
+def test_train_step_ep_by_fsdp_matches_one_device(monkeypatch):
+  """One `Trainer.step` of a small MoE LM: expert 4 × fsdp 2 on 8 devices = 1 device (loss, grad
+  norm, the updated params and balance biases)."""
+  from mhc_jax.layers import moe as moe_layer
+  from mhc_jax.train.trainer import Trainer
+  traced = []
+  monkeypatch.setattr(moe_layer, "moe_ffn_ep",
+                      lambda *a, **kw: traced.append(1) or moe_ffn_ep(*a, **kw))
+  tokens = np.random.default_rng(3).integers(0, 256, size=(8, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  out = {}
+  for name, mesh_cfg, devices in [("one", MeshConfig("dp"), jax.devices()[:1]),
+                                  ("ep", MeshConfig("fsdp", (4, 2, 1), expert=4), jax.devices())]:
+    trainer = Trainer(_moe_lm(mesh_cfg), devices)
+    if name == "ep":
+      assert dict(trainer.setup.mesh.shape) == {"data": 1, "expert": 4, "fsdp": 2, "tensor": 1}
+      S.check_experts(trainer.cfg.model, trainer.setup.mesh)
+    trainer.init()
+    metrics = trainer.step(batch)
+    assert bool(traced) == (name == "ep")                            # the EP dispatch ran in the step
+    out[name] = (jax.device_get(metrics), jax.device_get(trainer.state.params),
+                 jax.device_get(trainer.state.moe_state))
+  (m1, p1, s1), (m8, p8, s8) = out["one"], out["ep"]
+  assert any("router" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p1))
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(p8)), jax.tree.leaves(nn.unbox(p1))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for a, b in zip(jax.tree.leaves(nn.unbox(s8)), jax.tree.leaves(nn.unbox(s1))):
+    np.testing.assert_array_equal(a, b)
