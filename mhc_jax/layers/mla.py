@@ -22,24 +22,26 @@ and attends in the weight-absorbed form:
   o_lat_h = softmax(s_h / sqrt(n + r)) c  [K],   o_h = o_lat_h W_uv_h.
 
 `jax.nn.dot_product_attention` requires the value head dim to equal the key's, so the attention is
-written out (einsum, mask, float32 softmax). RoPE is `attention.rope` (rotate-half form).
+written out (einsum, mask, float32 softmax). RoPE is `ops.rope` (rotate-half form). The math is
+`mhc_jax.ops.mla` (`mla_attention`, `mla_decode`); this module holds the parameters and the cache.
 """
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mhc_jax.config.mla import MLAConfig
-from mhc_jax.layers.attention import rope
-from mhc_jax.layers.norm import RMSNorm
-
-_NEG = -1e30   # masked score (finite: no NaN even if a row were fully masked)
+from mhc_jax.ops.mla import mla_attention, mla_decode
 
 
-def _softmax_f32(s_BHTS, mask_TS):
-  s_BHTS = jnp.where(mask_TS[None, None], s_BHTS.astype(jnp.float32), _NEG)
-  return jax.nn.softmax(s_BHTS, axis=-1)
+class _NormScale(nn.Module):
+  """The `scale [D]` of an RMSNorm (`layers.norm.RMSNorm`'s parameter, applied in `ops.mla`)."""
+  dim: int
+
+  @nn.compact
+  def __call__(self):
+    return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                      (self.dim,), jnp.float32)
 
 
 class MLA(nn.Module):
@@ -57,85 +59,38 @@ class MLA(nn.Module):
 
   def _kernel(self, name, shape, axes, std=None):
     init = nn.initializers.normal(self.init_std if std is None else std)
-    w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-    return jnp.asarray(w, self.dtype)
+    return nn.unbox(self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32))
 
   @nn.compact
   def __call__(self, x_BTC):
     cfg, h = self.cfg, self.n_heads
     b, t, c = x_BTC.shape
     n, r = cfg.nope_dim, cfg.rope_dim
-    x_BTC = x_BTC.astype(self.dtype)
-
+    p = {}
     if cfg.q_rank == 0:
-      wq_CHD = self._kernel("q", (c, h, n + r), ("embed", "heads", "kv"))
-      q_BTHD = jnp.einsum("btc,chd->bthd", x_BTC, wq_CHD)
+      p["q"] = self._kernel("q", (c, h, n + r), ("embed", "heads", "kv"))
     else:
-      wdq_CQ = self._kernel("q_down", (c, cfg.q_rank), ("embed", "q_lora"))
-      cq_BTQ = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(x_BTC @ wdq_CQ)
-      wuq_QHD = self._kernel("q_up", (cfg.q_rank, h, n + r), ("q_lora", "heads", "kv"))
-      q_BTHD = jnp.einsum("btq,qhd->bthd", cq_BTQ, wuq_QHD)
-    q_BTHD = nn.with_logical_constraint(q_BTHD, ("batch", "length", "heads", "kv"))
-
-    wdkv_CK = self._kernel("kv_down", (c, cfg.kv_rank), ("embed", "kv_lora"))
-    c_BTK = RMSNorm(self.norm_eps, self.dtype, name="kv_norm")(x_BTC @ wdkv_CK)
-    c_BTK = nn.with_logical_constraint(c_BTK, ("batch", "length", "kv_lora"))
-    wkr_CR = self._kernel("k_rope", (c, r), ("embed", None))
-    kr_BTR = x_BTC @ wkr_CR
-    wuk_KHN = self._kernel("k_up", (cfg.kv_rank, h, n), ("kv_lora", "heads", "kv"))
-    wuv_KHV = self._kernel("v_up", (cfg.kv_rank, h, cfg.v_dim), ("kv_lora", "heads", "kv"))
-
-    if self.decode:
-      out_BTHV = self._decode(q_BTHD, c_BTK, kr_BTR, wuk_KHN, wuv_KHV)
-    else:
-      out_BTHV = self._full(q_BTHD, c_BTK, kr_BTR, wuk_KHN, wuv_KHV, 0)
-    out_BTHV = nn.with_logical_constraint(out_BTHV, ("batch", "length", "heads", "kv"))
-    wo_HVC = self._kernel("out", (h, cfg.v_dim, c), ("heads", "kv", "embed"), self.out_std)
-    return jnp.einsum("bthv,hvc->btc", out_BTHV, wo_HVC)
-
-  def _rope(self, q_BTHD, kr_BTR, start):
-    """Split q, rotate q_rope and the shared key at absolute positions start + [0, T)."""
-    b, t = kr_BTR.shape[:2]
-    pos_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    qn_BTHN, qr_BTHR = q_BTHD[..., :self.cfg.nope_dim], q_BTHD[..., self.cfg.nope_dim:]
-    qr_BTHR = rope(qr_BTHR, pos_BT, self.rope_theta)
-    kr_BTR = rope(kr_BTR[:, :, None, :], pos_BT, self.rope_theta)[:, :, 0]
-    return qn_BTHN, qr_BTHR, kr_BTR
-
-  def _full(self, q_BTHD, c_BTK, kr_BTR, wuk_KHN, wuv_KHV, start):
-    """Explicit form: k_nope = c W_uk, v = c W_uv per head; causal softmax over T."""
-    t = q_BTHD.shape[1]
-    qn_BTHN, qr_BTHR, kr_BTR = self._rope(q_BTHD, kr_BTR, start)
-    kn_BTHN = jnp.einsum("btk,khn->bthn", c_BTK, wuk_KHN)
-    v_BTHV = jnp.einsum("btk,khv->bthv", c_BTK, wuv_KHV)
-    s_BHTS = (jnp.einsum("bthn,bshn->bhts", qn_BTHN, kn_BTHN, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", qr_BTHR, kr_BTR, preferred_element_type=jnp.float32))
-    causal_TS = jnp.tril(jnp.ones((t, t), bool))
-    p_BHTS = _softmax_f32(s_BHTS / jnp.sqrt(float(self.cfg.qk_dim)), causal_TS)
-    return jnp.einsum("bhts,bshv->bthv", p_BHTS.astype(self.dtype), v_BTHV)
-
-  def _decode(self, q_BTHD, c_BTK, kr_BTR, wuk_KHN, wuv_KHV):
-    """Write c and the roped shared key at the cache index; absorbed attention over positions
-    <= each query's absolute position."""
-    b, t, _ = c_BTK.shape
+      p["q_down"] = self._kernel("q_down", (c, cfg.q_rank), ("embed", "q_lora"))
+      p["q_norm"] = nn.unbox(_NormScale(cfg.q_rank, name="q_norm")())
+      p["q_up"] = self._kernel("q_up", (cfg.q_rank, h, n + r), ("q_lora", "heads", "kv"))
+    p["kv_down"] = self._kernel("kv_down", (c, cfg.kv_rank), ("embed", "kv_lora"))
+    p["kv_norm"] = nn.unbox(_NormScale(cfg.kv_rank, name="kv_norm")())
+    p["k_rope"] = self._kernel("k_rope", (c, r), ("embed", None))
+    p["k_up"] = self._kernel("k_up", (cfg.kv_rank, h, n), ("kv_lora", "heads", "kv"))
+    p["v_up"] = self._kernel("v_up", (cfg.kv_rank, h, cfg.v_dim), ("kv_lora", "heads", "kv"))
+    p["out"] = self._kernel("out", (h, cfg.v_dim, c), ("heads", "kv", "embed"), self.out_std)
+    kw = dict(cfg=cfg, rope_theta=self.rope_theta, norm_eps=self.norm_eps, dtype=self.dtype,
+              constrain=nn.with_logical_constraint)
+    if not self.decode:
+      return mla_attention(p, x_BTC, **kw)
     initialized = self.has_variable("cache", "cached_latent")
-    cc = self.variable("cache", "cached_latent", jnp.zeros, (b, self.max_len, self.cfg.kv_rank),
-                       c_BTK.dtype)
-    ckr = self.variable("cache", "cached_k_rope", jnp.zeros, (b, self.max_len, self.cfg.rope_dim),
-                        kr_BTR.dtype)
+    cc = self.variable("cache", "cached_latent", jnp.zeros, (b, self.max_len, cfg.kv_rank),
+                       self.dtype)
+    ckr = self.variable("cache", "cached_k_rope", jnp.zeros, (b, self.max_len, r), self.dtype)
     idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    start = idx.value
     if not initialized:   # init call: shapes only
-      return self._full(q_BTHD, c_BTK, kr_BTR, wuk_KHN, wuv_KHV, start)
-    qn_BTHN, qr_BTHR, kr_BTR = self._rope(q_BTHD, kr_BTR, start)
-    cc.value = jax.lax.dynamic_update_slice(cc.value, c_BTK, (0, start, 0))
-    ckr.value = jax.lax.dynamic_update_slice(ckr.value, kr_BTR, (0, start, 0))
-    idx.value = start + t
-    c_BSK, kr_BSR = cc.value, ckr.value
-    ql_BTHK = jnp.einsum("bthn,khn->bthk", qn_BTHN, wuk_KHN)                 # q_nope W_uk^T
-    s_BHTS = (jnp.einsum("bthk,bsk->bhts", ql_BTHK, c_BSK, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", qr_BTHR, kr_BSR, preferred_element_type=jnp.float32))
-    mask_TS = jnp.arange(self.max_len)[None, :] <= (start + jnp.arange(t))[:, None]
-    p_BHTS = _softmax_f32(s_BHTS / jnp.sqrt(float(self.cfg.qk_dim)), mask_TS)
-    ol_BTHK = jnp.einsum("bhts,bsk->bthk", p_BHTS.astype(self.dtype), c_BSK)
-    return jnp.einsum("bthk,khv->bthv", ol_BTHK, wuv_KHV)
+      return mla_attention(p, x_BTC, start=idx.value, **kw)
+    y, new = mla_decode(p, x_BTC, {"cached_latent": cc.value, "cached_k_rope": ckr.value,
+                                   "cache_index": idx.value}, **kw)
+    cc.value, ckr.value, idx.value = new["cached_latent"], new["cached_k_rope"], new["cache_index"]
+    return y
