@@ -1,6 +1,7 @@
 """mhc_jax.quant.stream (`--max-memory`): layers streamed from disk give the in-memory run's tokens and
 loss (float32 and int8, stacked and unstacked blocks); the peak resident memory stays under the
 budget plus an allowance; bad budgets are one clear error."""
+import json
 import os
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ def _budget(layout: stream.Layout, n_layers: int, batch: int = 1) -> int:
 @pytest.mark.parametrize("scan,mode,slots", [(True, "float32", (1, 2, 3)), (False, "float32", (2,)),
                                              (True, "int8", (2,)), (False, "int8", (1, 3))])
 def test_streamed_tokens_and_loss_equal_in_memory(scan, mode, slots, tmp_path):
+  full = (scan, mode) in ((True, "float32"), (False, "int8"))   # sampling and eval checked too
   rc, params = _model(scan)
   cfg = rc.model
   spec = None if mode == "float32" else QuantSpec("int8")
@@ -46,10 +48,11 @@ def test_streamed_tokens_and_loss_equal_in_memory(scan, mode, slots, tmp_path):
   layout = stream.Layout(stream.write_layout(str(tmp_path / "s"), rc, plain, spec, {"step": 0}))
   kw = dict(max_new_tokens=8, temperature=0.0)
   ref = quantized_generate(cfg, spec, tree, PROMPT, **kw)
-  ref_t = quantized_generate(cfg, spec, tree, PROMPT, max_new_tokens=8, temperature=0.9, seed=5)
-  rng = np.random.default_rng(0)
-  batches = [{"inputs": rng.integers(0, 256, (2, 16)), "targets": rng.integers(0, 256, (2, 16))}]
-  ref_loss = evaluate_quantized(cfg, spec, tree, batches)["loss"]
+  if full:
+    ref_t = quantized_generate(cfg, spec, tree, PROMPT, max_new_tokens=8, temperature=0.9, seed=5)
+    rng = np.random.default_rng(0)
+    batches = [{"inputs": rng.integers(0, 256, (2, 16)), "targets": rng.integers(0, 256, (2, 16))}]
+    ref_loss = evaluate_quantized(cfg, spec, tree, batches)["loss"]
   plans = {1: (1, 0), 2: (2, 0), 3: (2, 1)}   # no prefetch; prefetch; prefetch + layer 0 kept
   for n_slots in slots:
     m = stream.StreamedLM(layout, _budget(layout, n_slots))
@@ -57,9 +60,10 @@ def test_streamed_tokens_and_loss_equal_in_memory(scan, mode, slots, tmp_path):
     np.testing.assert_array_equal(m.generate(PROMPT, **kw), ref)
     assert m.bytes_read == (4 - m.plan.cached) * 8 * layout.layer_bytes[0] + \
         m.plan.cached * layout.layer_bytes[0]
-    np.testing.assert_array_equal(m.generate(PROMPT, max_new_tokens=8, temperature=0.9, seed=5),
-                                  ref_t)
-    np.testing.assert_allclose(m.evaluate(batches)["loss"], ref_loss, rtol=1e-6)
+    if full:
+      np.testing.assert_array_equal(m.generate(PROMPT, max_new_tokens=8, temperature=0.9, seed=5),
+                                    ref_t)
+      np.testing.assert_allclose(m.evaluate(batches)["loss"], ref_loss, rtol=1e-6)
     m.close()
   # the whole model read back equals the source tree
   for a, b in zip(jax.tree.leaves(stream.load_params(layout)), jax.tree.leaves(tree)):
@@ -123,6 +127,45 @@ def test_cli_bad_budget_one_line(qdir, capsys, size, what):
     assert code == 2 and len(lines) == 1 and what in lines[0] and lines[0].startswith("error:"), e
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  from mhc_jax.train.loop import train
+  from tests.train.helpers import tiny_config, write_corpus
+  root = tmp_path_factory.mktemp("srun")
+  corpus = write_corpus(str(root / "corpus"), n_files=4, lines=30)
+  cfg = tiny_config(corpus, str(root / "cache"), "model.n_layers=4", "train.steps=2", "train.warmup_steps=1",
+                    "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
+                    "train.sample_tokens=0")
+  out = str(root / "run")
+  train(cfg, out, progress=False)
+  return out
+
+
+@pytest.mark.slow
+def test_cli_run_dir_streamed_eval_and_sample(run_dir, capsys):
+  """A float32 run dir: the layout is written (in a child process) on first use; eval's loss and
+  greedy samples equal the in-memory commands'."""
+  code, o, e = _cli(["eval", "--run-dir", run_dir, "--batches", "1"], capsys)
+  assert code == 0, e
+  ref = json.loads(o.strip().splitlines()[-1])
+  layout = stream.Layout(stream.ensure_layout(run_dir))
+  assert layout.path == os.path.join(run_dir, "stream", str(ref["step"])) and layout.spec is None
+  budget = stream.budget_plan(layout, 10**12, eval_batch=(layout.cfg.data.batch_size,
+                                                          layout.cfg.data.seq_len)).minimum
+  code, o, e = _cli(["eval", "--run-dir", run_dir, "--batches", "1", "--max-memory", str(budget)],
+                    capsys)
+  assert code == 0, e
+  res = json.loads(o.strip().splitlines()[-1])
+  assert res["mode"] == "streamed" and res["step"] == ref["step"]
+  np.testing.assert_allclose(res["loss"], ref["loss"], rtol=1e-5)
+  argv = ["sample", "--run-dir", run_dir, "--prompt", "de", "--tokens", "6", "--temperature", "0"]
+  code, want, e = _cli(argv, capsys)
+  assert code == 0, e
+  code, o, e = _cli(argv + ["--max-memory", str(_budget(layout, 1))], capsys)
+  assert code == 0 and o == want and "streamed" in e, e
+
+
+@pytest.mark.slow
 def test_peak_rss_under_budget(tmp_path):
   """A model whose weights dwarf the runtime's noise: streamed at half the weights, the model's peak
   resident memory (above the warmed-up runtime) stays under budget + allowance; in memory it does not."""
