@@ -3,6 +3,7 @@ conversion is the identity on paths and values (no rename, no copy of the math):
 
     params = to_linen_params(model)                 # == LM(cfg).init(...)["params"] layout
     from_linen_params(model, params)                # in place; shapes and paths checked
+    to_linen_moe_state(model) / from_linen_moe_state(model, moe_state)   # the MoE balance biases
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import flax.linen as nn
 from flax import nnx
+
+from mhc_jax.nnx.moe import MoEState
 
 
 def to_linen_params(model: nnx.Module) -> dict[str, Any]:
@@ -23,11 +26,26 @@ def from_linen_params(model: nnx.Module, params) -> nnx.Module:
   Raises ValueError naming the first parameter whose path is missing or extra or whose shape or
   dtype differs from the model's.
   """
-  params = nn.meta.unbox(params)
-  want = to_linen_params(model)
-  _check(want, params, ())
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
+  return _load(model, params, nnx.Param)
+
+
+def to_linen_moe_state(model: nnx.Module) -> dict[str, Any]:
+  """The model's MoE balance biases (`MoEState`) as a plain nested dict, the Linen
+  `variables["moe_state"]` (empty for a dense model)."""
+  return nnx.to_pure_dict(nnx.state(model, MoEState))
+
+
+def from_linen_moe_state(model: nnx.Module, moe_state) -> nnx.Module:
+  """Load a Linen `moe_state` tree (boxed or not) into `model` in place and return it (checked as
+  `from_linen_params`)."""
+  return _load(model, moe_state, MoEState)
+
+
+def _load(model, tree, kind):
+  tree = nn.meta.unbox(tree)
+  _check(nnx.to_pure_dict(nnx.state(model, kind)), tree, ())
+  state = nnx.state(model, kind)
+  nnx.replace_by_pure_dict(state, tree)
   nnx.update(model, state)
   return model
 

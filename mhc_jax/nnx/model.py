@@ -23,34 +23,62 @@ from mhc_jax.layers.connection import STREAM_AXES
 from mhc_jax.remat import POLICIES, mhc_paper_group, mhc_paper_policy
 from mhc_jax.nnx.connection import MAPPINGS, CollapseHead, Connection
 from mhc_jax.nnx.layers import MLP, Attention, Kernel, _normal
+from mhc_jax.nnx.moe import MLA, MoE
 from mhc_jax.nnx.norm import RMSNorm, param
 
 
 class Block(nnx.Module):
-  """Attention (site 2l) then SwiGLU MLP (site 2l + 1), each wrapped by a `Connection`."""
+  """Attention (site 2l) then the FFN (site 2l + 1), each wrapped by a `Connection`. Attention is
+  multi-head with RoPE, or MLA when `cfg.mla`; the FFN a SwiGLU `mlp`, or the DeepSeekMoE `moe` when
+  built with `moe=True`. `__call__(x, decode) -> (x, stats)`: stats None for a dense block, else the
+  MoE layer's `counts [E]`, `seq_aux_loss`, `router_entropy` (as the Linen `Block`)."""
 
-  def __init__(self, cfg: ModelConfig, layer, dtype, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, layer, dtype, moe: bool = False, *, rngs: nnx.Rngs):
     c, out_std = cfg.d_model, cfg.init_std / math.sqrt(2 * cfg.n_layers)
     conn = lambda site: Connection(cfg.connection, c, site=site, norm_eps=cfg.norm_eps,  # noqa: E731
                                    dtype=dtype, rngs=rngs)
     self.attn_conn = conn(2 * layer)
-    self.attn = Attention(c, cfg.n_heads, cfg.head_dim, cfg.max_seq_len, rope_theta=cfg.rope_theta,
-                          init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
+    if cfg.mla is not None:
+      self.attn = MLA(c, cfg.mla, cfg.n_heads, cfg.max_seq_len, rope_theta=cfg.rope_theta,
+                      init_std=cfg.init_std, out_std=out_std, dtype=dtype, norm_eps=cfg.norm_eps,
+                      rngs=rngs)
+    else:
+      self.attn = Attention(c, cfg.n_heads, cfg.head_dim, cfg.max_seq_len, rope_theta=cfg.rope_theta,
+                            init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
     self.mlp_conn = conn(2 * layer + 1)
-    self.mlp = MLP(c, cfg.ff_dim, init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
+    self.is_moe = moe
+    if moe:
+      self.moe = MoE(c, cfg.moe, init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
+    else:
+      self.mlp = MLP(c, cfg.ff_dim, init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, decode: bool = False):
     x = nn.with_logical_constraint(self.attn_conn(x, lambda u: self.attn(u, decode)), STREAM_AXES)
-    return nn.with_logical_constraint(self.mlp_conn(x, self.mlp), STREAM_AXES)
+    if not self.is_moe:
+      return nn.with_logical_constraint(self.mlp_conn(x, self.mlp), STREAM_AXES), None
+    stats = {}
+
+    def ffn(u):
+      y, st = self.moe(u)
+      stats.update(st)
+      return y
+    x = nn.with_logical_constraint(self.mlp_conn(x, ffn), STREAM_AXES)
+    return x, stats
 
 
 class LM(nnx.Module):
-  """`__call__(tokens [B, T] int, *, decode=False) -> logits [B, T, V] float32`.
+  """`__call__(tokens [B, T] int, *, decode=False, return_stats=False) -> logits [B, T, V] float32`.
 
   `decode=True` runs on the KV cache made by `init_cache` (capacity `cfg.max_seq_len`).
+  `return_stats=True` returns `(logits, stats)`: for an MoE model (`cfg.moe`) the MoE layers'
+  statistics stacked in layer order, `counts [L_moe, E]`, `router_entropy [L_moe]` and
+  `seq_aux_loss` (their sum; the Linen `moe_stats` collection), else None.
   `mappings(tokens)` gives the sown `h_pre, h_post, h_res` stacked over the 2L sites.
   `cfg.remat` ("full", "dots", "mhc_paper" recompute groups) applies to the plain forward / training;
   `mappings` and decode run without recomputation, as in the Linen LM.
+  An MoE model with `scan_layers` has two stacks, `dense_blocks` (the `n_dense_layers` leading dense
+  blocks, if any) and `blocks` (the MoE blocks); mhc_paper groups run within each stack, as in Linen.
+  The MoE balance biases are `MoEState` variables (`mhc_jax.nnx.convert.to_linen_moe_state`).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -60,14 +88,17 @@ class LM(nnx.Module):
     self.dtype = dtype = compute_dtype(cfg.dtype)
     self.embed = Embedding(_normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std))
     if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.n_layers)
-      @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def stack(rngs, layer):
-        return Block(cfg, layer, dtype, rngs=rngs)
-      self.blocks = stack(rngs, jnp.arange(cfg.n_layers))
+      def make_stack(start, stop, moe):
+        @nnx.split_rngs(splits=stop - start)
+        @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stack(rngs, layer):
+          return Block(cfg, layer, dtype, moe, rngs=rngs)
+        return stack(rngs, jnp.arange(start, stop))
+      for name, start, stop, moe in self._stack_spans():
+        setattr(self, name, make_stack(start, stop, moe))
     else:
       for layer in range(cfg.n_layers):
-        setattr(self, f"block_{layer}", Block(cfg, layer, dtype, rngs=rngs))
+        setattr(self, f"block_{layer}", Block(cfg, layer, dtype, cfg.is_moe_layer(layer), rngs=rngs))
     if cfg.collapse == "head":
       self.collapse = CollapseHead(cfg.connection.n, cfg.d_model, eps=cfg.connection.pre_eps,
                                    norm_eps=cfg.connection.norm_eps)
@@ -76,8 +107,17 @@ class LM(nnx.Module):
       self.lm_head = Kernel(_normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std),
                             ("embed", "vocab"))
 
-  def __call__(self, tokens_BT, *, decode: bool = False):
-    return self._forward(tokens_BT, decode, record=False)[0]
+  def _stack_spans(self):
+    """`(name, first layer, end, moe)` of the scanned stacks, in layer order."""
+    cfg = self.cfg
+    if cfg.moe is None:
+      return [("blocks", 0, cfg.n_layers, False)]
+    spans = [("dense_blocks", 0, cfg.n_dense_layers, False)] if cfg.n_dense_layers else []
+    return spans + [("blocks", cfg.n_dense_layers, cfg.n_layers, True)]
+
+  def __call__(self, tokens_BT, *, decode: bool = False, return_stats: bool = False):
+    logits, _, stats = self._forward(tokens_BT, decode, record=False)
+    return (logits, stats) if return_stats else logits
 
   def mappings(self, tokens_BT) -> dict[str, jax.Array]:
     """`{"h_pre": [S, B, T, n], "h_post": [S, B, T, n], "h_res": [S, B, T, n, n]}` over the
@@ -86,15 +126,17 @@ class LM(nnx.Module):
     return self._forward(tokens_BT, False, record=True)[1]
 
   def init_cache(self, batch_size: int):
-    """Zero KV caches in every attention (`nnx.Cache`, stacked `[L, ...]` with `scan_layers`)."""
+    """Zero KV caches in every attention (`nnx.Cache`, stacked `[L, ...]` per stack with
+    `scan_layers`)."""
     if self.cfg.scan_layers:
       @nnx.vmap(in_axes=0, out_axes=None)
       def init(block):
         block.attn.init_cache(batch_size)
-      graphdef, state = nnx.split(self.blocks)
-      blocks = nnx.merge(graphdef, state)
-      init(blocks)   # nnx.vmap adds the per-layer caches with a leading [L] axis
-      self.blocks = blocks
+      for name, *_ in self._stack_spans():
+        graphdef, state = nnx.split(getattr(self, name))
+        blocks = nnx.merge(graphdef, state)
+        init(blocks)   # nnx.vmap adds the per-layer caches with a leading [L] axis
+        setattr(self, name, blocks)
     else:
       for layer in range(self.cfg.n_layers):
         getattr(self, f"block_{layer}").attn.init_cache(batch_size)
@@ -103,7 +145,7 @@ class LM(nnx.Module):
     cfg = self.cfg
     h_BTC = self.embed(tokens_BT, self.dtype)
     x = nn.with_logical_constraint(ops.expand_streams(h_BTC, cfg.connection.n), STREAM_AXES)
-    x, maps = self._blocks(x, decode, record)
+    x, maps, stats = self._blocks(x, decode, record)
     h_BTC = self.collapse(x) if cfg.collapse == "head" else ops.collapse_streams(x)
     h_BTC = self.final_norm(h_BTC)
     if cfg.tie_embeddings:
@@ -112,27 +154,12 @@ class LM(nnx.Module):
       logits = jnp.einsum("btc,cv->btv", h_BTC.astype(self.dtype),
                           self.lm_head.kernel[...].astype(self.dtype))
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    return logits, maps
+    return logits, maps, stats
 
   def _blocks(self, x, decode, record):
-    """Run the L blocks (unrolled or `lax.scan`) with the remat policy, in recompute groups for
-    remat="mhc_paper" (`mhc_jax.remat.mhc_paper_group`); returns `(x, mappings)`."""
+    """Run the L blocks (unrolled or `lax.scan` per stack) with the remat policy, in recompute groups
+    for remat="mhc_paper" (`mhc_jax.remat.mhc_paper_group`); returns `(x, mappings, moe stats)`."""
     cfg = self.cfg
-    if cfg.scan_layers:
-      graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-      layer_state = lambda i: jax.tree.map(lambda a: a[i], (params, rest))  # noqa: E731
-    else:
-      blocks = [getattr(self, f"block_{l}") for l in range(cfg.n_layers)]
-      graphdef, _, _ = nnx.split(blocks[0], nnx.Param, ...)
-      states = [nnx.split(b, nnx.Param, ...)[1:] for b in blocks]
-
-    def run(x, state):
-      """One block on its (params, rest) state -> (x, new cache, sown mappings)."""
-      block = nnx.merge(graphdef, *state)
-      x, sown = nnx.capture(block, nnx.Intermediate)(x, decode)
-      maps = _site_maps(nnx.to_pure_dict(sown)) if record else {}
-      return x, nnx.state(block, nnx.Cache), maps
-
     policy_name = cfg.remat if not (decode or record) else "none"
     if policy_name == "mhc_paper":
       g = cfg.remat_group or mhc_paper_group(cfg.connection.n, cfg.n_layers)
@@ -140,48 +167,85 @@ class LM(nnx.Module):
     else:
       g, policy = 1, POLICIES.get(policy_name)
 
-    def group(x, group_states):
-      caches, maps = [], []
-      for state in group_states:
-        x, cache, m = run(x, state)
-        caches.append(cache)
-        maps.append(m)
-      return x, (caches, maps)
-
-    if policy_name != "none":
-      group = jax.checkpoint(group, policy=policy, prevent_cse=not cfg.scan_layers)
+    def make_group(graphdefs):
+      def group(x, group_states):
+        """Blocks on their (params, rest) states -> (x, (new caches, sown mappings, MoE stats))."""
+        caches, maps, stats = [], [], []
+        for graphdef, state in zip(graphdefs, group_states):
+          block = nnx.merge(graphdef, *state)
+          (x, st), sown = nnx.capture(block, nnx.Intermediate)(x, decode)
+          maps.append(_site_maps(nnx.to_pure_dict(sown)) if record else {})
+          caches.append(nnx.state(block, nnx.Cache))
+          stats.append(st)
+        return x, (caches, maps, stats)
+      if policy_name != "none":
+        group = jax.checkpoint(group, policy=policy, prevent_cse=not cfg.scan_layers)
+      return group
 
     if not cfg.scan_layers:
-      caches, maps = [], []
+      blocks = [getattr(self, f"block_{l}") for l in range(cfg.n_layers)]
+      splits = [nnx.split(b, nnx.Param, ...) for b in blocks]
+      caches, maps, stats = [], [], []
       for start in range(0, cfg.n_layers, g):
-        x, (c, m) = group(x, states[start:start + g])
+        part = splits[start:start + g]
+        x, (c, m, st) = make_group([p[0] for p in part])(x, [p[1:] for p in part])
         caches += c
         maps += m
+        stats += st
       for b, c in zip(blocks, caches):
         nnx.update(b, c)
-      return x, _stack_sites(maps, record)
+      return x, _stack_sites(maps, record), _stack_stats(stats)
 
-    n_full = cfg.n_layers // g
-    full = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), (params, rest))
+    maps, stats = [], []
+    for name, *_ in self._stack_spans():
+      x, m, st = self._run_stack(getattr(self, name), x, g, make_group)
+      maps += m
+      stats += st
+    return x, _stack_sites(maps, record), _stack_stats(stats)
 
-    def body(x, s):
-      x, (c, m) = group(x, [jax.tree.map(lambda a: a[i], s) for i in range(g)])
-      return x, (jax.tree.map(lambda *a: jnp.stack(a), *c), m)
+  @staticmethod
+  def _run_stack(stack, x, g, make_group):
+    """One scanned stack: its full groups of g blocks in a `lax.scan`, a shorter last group after
+    it. Returns `(x, per-layer mappings, per-layer stats)` and writes the new caches."""
+    graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+    length = jax.tree.leaves(params)[0].shape[0]
+    n_full = length // g
+    caches, per_maps, per_stats = None, [], []
+    if n_full:
+      full = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), (params, rest))
+      group = make_group([graphdef] * g)
 
-    x, (caches, maps) = jax.lax.scan(body, x, full)
-    caches = jax.tree.map(lambda a: a.reshape(n_full * g, *a.shape[2:]), caches)
-    rest_layers = list(range(n_full * g, cfg.n_layers))
+      def body(x, s):
+        x, (c, m, st) = group(x, [jax.tree.map(lambda a: a[i], s) for i in range(g)])
+        return x, (jax.tree.map(lambda *a: jnp.stack(a), *c), m, st)
+
+      x, (caches, m, st) = jax.lax.scan(body, x, full)
+      caches = jax.tree.map(lambda a: a.reshape(n_full * g, *a.shape[2:]), caches)
+      # layers l = k*g + i of the scanned groups
+      per_maps = [jax.tree.map(lambda a: a[k], m[i]) for k in range(n_full) for i in range(g)]
+      per_stats = [jax.tree.map(lambda a: a[k], st[i]) for k in range(n_full) for i in range(g)]
+    rest_layers = list(range(n_full * g, length))
     if rest_layers:   # mhc_paper: a shorter last group
-      x, (c, m) = group(x, [layer_state(l) for l in rest_layers])
-      caches = jax.tree.map(lambda a, *b: jnp.concatenate([a, jnp.stack(b)]), caches, *c)
-    else:
-      m = []
-    nnx.update(self.blocks, caches)
-    if not record:
-      return x, {}
-    # order the sites: layers l = k*g + i for the scanned groups, then the rest
-    per_layer = [jax.tree.map(lambda a: a[k], maps[i]) for k in range(n_full) for i in range(g)] + m
-    return x, _stack_sites(per_layer, record)
+      group = make_group([graphdef] * len(rest_layers))
+      x, (c, m, st) = group(x, [jax.tree.map(lambda a: a[l], (params, rest)) for l in rest_layers])
+      if caches is None:
+        caches = jax.tree.map(lambda *b: jnp.stack(b), *c)
+      else:
+        caches = jax.tree.map(lambda a, *b: jnp.concatenate([a, jnp.stack(b)]), caches, *c)
+      per_maps += m
+      per_stats += st
+    nnx.update(stack, caches)
+    return x, per_maps, per_stats
+
+
+def _stack_stats(per_layer) -> dict | None:
+  """MoE statistics stacked over the MoE layers (None entries are dense layers)."""
+  per_layer = [s for s in per_layer if s is not None]
+  if not per_layer:
+    return None
+  return {"counts": jnp.stack([s["counts"] for s in per_layer]),
+          "router_entropy": jnp.stack([s["router_entropy"] for s in per_layer]),
+          "seq_aux_loss": sum((s["seq_aux_loss"] for s in per_layer[1:]), per_layer[0]["seq_aux_loss"])}
 
 
 def _site_maps(sown) -> dict:
