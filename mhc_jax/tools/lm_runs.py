@@ -105,7 +105,13 @@ def read_record(run_dir: str) -> dict[str, Any]:
   for k in keys:
     out[k] = [_f(r.get(k)) for r in dg]
   out["sites"] = {k: [_f(x) for x in dg[-1].get(k + "/sites", [])] for k in keys} if dg else {}
+  for k in MOE_KEYS:      # MoE models: per MoE layer lists at each logged step
+    if tr and k in tr[-1]:
+      out[k] = [[_f(x) for x in r[k]] if isinstance(r[k], list) else _f(r[k]) for r in tr]
   return out
+
+
+MOE_KEYS = ("moe/load_cv", "moe/load_max", "moe/load_min", "moe/router_entropy", "moe/bias_norm")
 
 
 def learned_h_res(trainer, batch_index: int = 0):
@@ -115,6 +121,7 @@ def learned_h_res(trainer, batch_index: int = 0):
   import jax.numpy as jnp
   from mhc_jax.data import make_eval_batches
   from mhc_jax.model import LM, collect_mappings
+  from mhc_jax.train.step import model_variables
   cfg = trainer.cfg
   if cfg.model.connection.kind == "residual":
     return None
@@ -122,10 +129,11 @@ def learned_h_res(trainer, batch_index: int = 0):
                             process_count=jax.process_count())
   batch = trainer.to_device(evals[batch_index])
   with trainer.context():
-    def f(params, tokens):
-      _, st = LM(cfg.model).apply({"params": params}, tokens, mutable=["intermediates"])
+    def f(params, moe_state, tokens):
+      _, st = LM(cfg.model).apply(model_variables(params, moe_state), tokens,
+                                  mutable=["intermediates"])
       return jnp.mean(collect_mappings(st["intermediates"], cfg.model)["h_res"], axis=(1, 2))
-    h = jax.jit(f)(trainer.state.params, batch["inputs"])
+    h = jax.jit(f)(trainer.state.params, trainer.state.moe_state, batch["inputs"])
   return np.asarray(jax.device_get(h), np.float64).tolist()
 
 
@@ -224,6 +232,23 @@ def plot_groups(groups: dict[str, list[dict]], title: str, colors: dict[str, str
   return fig
 
 
+def plot_moe_balance(groups: dict[str, list[dict]], title: str):
+  """Per kind: the coefficient of variation of the experts' token shares (worst MoE layer) and the
+  largest share, over training (bands over seeds)."""
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for kind, recs in groups.items():
+    color = KIND_COLORS.get(kind)
+    for ax, key in zip(axes, ("moe/load_cv", "moe/load_max")):
+      _band(ax, recs[0]["train_step"], [[max(v) for v in r[key]] for r in recs], color, kind)
+      ax.set_title(key + " (max over MoE layers)")
+      ax.set_xlabel("step")
+  axes[0].legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
 def plot_heatmaps(named: dict[str, list], title: str, max_sites: int = 8):
   """Rows: runs; columns: sites. Token-mean learned H_res (diverging colours, signed for HC)."""
   named = {k: np.asarray(v) for k, v in named.items() if v is not None}
@@ -293,6 +318,10 @@ def summarize(runs: dict) -> dict:
         row[k] = {"mean": sum(vals) / len(vals), "max": max(vals), "values": vals}
         peak = [max(r[k]) for r in recs]
         row[k + "_peak_over_training"] = {"max": max(peak), "values": peak}
+    if "moe/load_cv" in recs[0]:   # expert balance at the end: worst MoE layer's load CV / max share
+      for k in ("moe/load_cv", "moe/load_max"):
+        vals = [max(r[k][-1]) for r in recs]
+        row[k] = {"mean": sum(vals) / len(vals), "max": max(vals), "values": vals}
     out[kind] = row
   if "residual" in out:
     base = out["residual"]["final_val_loss"]["mean"]
@@ -306,6 +335,9 @@ def save_figures(result: dict, out=".", stem: str = "lm_compare"):
   fig = plot_groups(result["runs"], f"{stem}: {result['scale_text']}; seeds {result['seeds']} "
                     "(bands: +-1 std over seeds)", KIND_COLORS)
   results.save_figure(fig, d / f"{stem}.png")
+  if any("moe/load_cv" in v[0] for v in result["runs"].values()):
+    results.save_figure(plot_moe_balance(result["runs"], f"{stem}: expert load over training"),
+                        d / f"{stem}_balance.png")
   heat = plot_heatmaps({k: v[0]["h_res_mean"] for k, v in result["runs"].items()},
                        f"learned H_res (token mean over one validation batch), seed "
                        f"{result['seeds'][0]}, after {result['scale']['steps']} steps")
