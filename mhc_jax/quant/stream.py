@@ -388,6 +388,7 @@ class StreamedLM:
     self.resident = self._to_params(layout.load(RESIDENT), ends=True)
     self.cached = [self._load(l) for l in range(self.plan.cached)]
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.plan.slots > 1 else None
+    self._pending = None    # the next pass's first streamed layer, being read
 
   def _to_params(self, plain, ends=False):
     if self.spec is None:
@@ -398,17 +399,31 @@ class StreamedLM:
     self.bytes_read += self.layout.nbytes(f"layer_{l}")
     return self._to_params(self.layout.load(f"layer_{l}"))
 
+  def _submit(self, l: int):
+    """Read layer `l` in the background (counted in `bytes_read` now)."""
+    self.bytes_read += self.layout.nbytes(f"layer_{l}")
+    return self._pool.submit(lambda: self._to_params(self.layout.load(f"layer_{l}")))
+
   def _layers(self):
-    """(l, params) for l = 0..L-1: cached ones from memory, the others read from disk, the next
-    streamed layer read in the background while the current one computes."""
+    """(l, params) for l = 0..L-1: cached ones from memory, the others read from disk; with
+    prefetch the next streamed layer (after the last one: the first streamed layer of the next pass)
+    is read in the background while the current one computes. The caller finishes each layer's
+    compute before asking for the next, so at most two streamed layers are alive."""
     n, k = self.cfg.n_layers, self.plan.cached
-    fut = self._pool.submit(self._load, k) if self._pool and k < n else None
+    fut, self._pending = self._pending, None
+    if self._pool and fut is None:
+      fut = self._submit(k)
     for l in range(n):
       if l < k:
         yield l, self.cached[l]
         continue
       p = fut.result() if fut is not None else self._load(l)
-      fut = self._pool.submit(self._load, l + 1) if self._pool and l + 1 < n else None
+      fut = None
+      if self._pool:
+        if l + 1 < n:
+          fut = self._submit(l + 1)
+        else:
+          self._pending = self._submit(k)
       yield l, p
       del p
 
@@ -428,7 +443,8 @@ class StreamedLM:
       x = _stem(self.resident, tok, **self._kw())
       for l, p in self._layers():
         x, caches[l] = _block_decode(p, caches[l], x, jnp.int32(l), **self._kw())
-        del p     # drop the layer before the next one is fetched (a streamed one is freed)
+        x.block_until_ready()   # this layer done before the one after the next is read
+        del p
       nxt, rng = _head_sample(self.resident, x, rng, **self._kw(), **samp)
       out.append(nxt)
       tok = nxt[:, None]
@@ -438,6 +454,7 @@ class StreamedLM:
     x = _stem(self.resident, jnp.asarray(inputs), **self._kw())
     for l, p in self._layers():
       x = _block(p, x, jnp.int32(l), **self._kw())
+      x.block_until_ready()
       del p
     return _head_loss(self.resident, x, jnp.asarray(targets), **self._kw())
 
@@ -451,6 +468,7 @@ class StreamedLM:
 
   def close(self):
     if self._pool:
+      self._pending = None
       self._pool.shutdown()
 
 

@@ -1,5 +1,5 @@
 """mhc_jax.quant.stream (`--max-memory`): layers streamed from disk give the in-memory run's tokens and
-loss (float32 and int8, stacked and unstacked blocks); the peak resident memory stays under the
+loss (float32, int8 and int4; stacked and unstacked blocks); the peak resident memory stays under the
 budget plus an allowance; bad budgets are one clear error."""
 import json
 import os
@@ -37,12 +37,12 @@ def _budget(layout: stream.Layout, n_layers: int, batch: int = 1) -> int:
 
 
 @pytest.mark.parametrize("scan,mode,slots", [(True, "float32", (1, 2, 3)), (False, "float32", (2,)),
-                                             (True, "int8", (2,)), (False, "int8", (1, 3))])
+                                             (True, "int4", (2,)), (False, "int8", (1, 3))])
 def test_streamed_tokens_and_loss_equal_in_memory(scan, mode, slots, tmp_path):
   full = (scan, mode) in ((True, "float32"), (False, "int8"))   # sampling and eval checked too
   rc, params = _model(scan)
   cfg = rc.model
-  spec = None if mode == "float32" else QuantSpec("int8")
+  spec = None if mode == "float32" else QuantSpec(mode, 16)
   tree = params if spec is None else quantize_params(cfg, params, spec)
   plain = params if spec is None else jax.device_get(_to_plain(tree))
   layout = stream.Layout(stream.write_layout(str(tmp_path / "s"), rc, plain, spec, {"step": 0}))
@@ -58,8 +58,9 @@ def test_streamed_tokens_and_loss_equal_in_memory(scan, mode, slots, tmp_path):
     m = stream.StreamedLM(layout, _budget(layout, n_slots))
     assert (m.plan.slots, m.plan.cached) == plans[n_slots] and not m.plan.in_memory
     np.testing.assert_array_equal(m.generate(PROMPT, **kw), ref)
-    assert m.bytes_read == (4 - m.plan.cached) * 8 * layout.layer_bytes[0] + \
-        m.plan.cached * layout.layer_bytes[0]
+    prefetched = m.plan.slots > 1    # the next pass's first streamed layer, read ahead
+    assert m.bytes_read == ((4 - m.plan.cached) * 8 + m.plan.cached + prefetched) * \
+        layout.layer_bytes[0]
     if full:
       np.testing.assert_array_equal(m.generate(PROMPT, max_new_tokens=8, temperature=0.9, seed=5),
                                     ref_t)
@@ -173,7 +174,7 @@ def test_peak_rss_under_budget(tmp_path):
   path = write_model(str(tmp_path / "layout"), 384, 4, 6, 24)
   weights = stream.Layout(path).weight_bytes      # ~29 MB
   budget = weights // 2
-  allowance = 12 << 20    # allocator slack (freed layers it keeps), Python objects, XLA temporaries
+  allowance = 16 << 20    # allocator slack (freed layers it keeps), Python objects, XLA temporaries
   st = run_child(path, budget, 8, 8)
   mem = run_child(path, None, 8, 8)
   assert st["tokens_out"] == mem["tokens_out"]
