@@ -56,35 +56,44 @@ def _close(a, b, what, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=what + jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_moe_mla_lm_matches_linen(scan):
-  cfg = _cfg(scan_layers=scan)
+def _check_parity(cfg):
+  """Logits, MoE stats and gradients (random cotangent on the logits plus the sequence loss), one
+  compile per side: `value_and_grad` with the logits and stats as aux."""
   params, state = _linen_vars(cfg)
   tok = _tokens()
   model = mnnx.LM(cfg, rngs=nnx.Rngs(0))
   shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)  # noqa: E731
   assert shapes(mnnx.to_linen_params(model)) == shapes(params)
   assert shapes(mnnx.to_linen_moe_state(model)) == shapes(state)
-  want, want_stats = _linen(cfg, params, state, tok)
-  got, got_stats = jax.jit(lambda p: _nnx(cfg, p, state)(tok, return_stats=True))(params)
+  ct = jax.random.normal(jax.random.PRNGKey(9), (*tok.shape, cfg.vocab_size))
+
+  def loss(forward):
+    def f(p):
+      logits, st = forward(p)
+      return jnp.sum(logits * ct) + st["seq_aux_loss"], (logits, st)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+  (_, (want, want_stats)), g_lin = loss(lambda p: _linen(cfg, p, state, tok))
+  (_, (got, got_stats)), g_nnx = loss(lambda p: _nnx(cfg, p, state)(tok, return_stats=True))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert set(got_stats) == set(want_stats) == {"counts", "router_entropy", "seq_aux_loss"}
   assert got_stats["counts"].shape == (cfg.n_moe_layers, cfg.moe.n_routed)
   np.testing.assert_array_equal(got_stats["counts"], want_stats["counts"])
   _close(got_stats, want_stats, "stats")
-  ct = jax.random.normal(jax.random.PRNGKey(9), (*tok.shape, cfg.vocab_size))
-
-  def f_lin(p):
-    logits, st = _linen(cfg, p, state, tok)
-    return jnp.sum(logits * ct) + st["seq_aux_loss"]
-
-  def f_nnx(p):
-    logits, st = _nnx(cfg, p, state)(tok, return_stats=True)
-    return jnp.sum(logits * ct) + st["seq_aux_loss"]
-
-  g_lin, g_nnx = jax.jit(jax.grad(f_lin))(params), jax.jit(jax.grad(f_nnx))(params)
   assert jax.tree.structure(g_lin) == jax.tree.structure(g_nnx)
   _close(g_nnx, g_lin, "grad")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_moe_mla_lm_matches_linen(scan):
+  _check_parity(_cfg(scan_layers=scan))
+
+
+@pytest.mark.slow
+def test_moe_mla_lm_mhc_paper_remat_matches_linen():
+  """Recompute groups of 2 per stack: `dense_blocks` (1 layer) is one short group, `blocks` (2) one
+  scanned group."""
+  _check_parity(_cfg(remat="mhc_paper", remat_group=2))
 
 
 def test_partitioning_matches_linen():
