@@ -147,7 +147,7 @@ def budgeted_eval(path: str, budget: int, *, step: int | None = None, batches: i
   """`mhc-jax eval --max-memory`: the loss of `quantized_eval` / `mhc-jax eval`, in memory when the
   model fits `budget` bytes, else with the layers streamed from disk."""
   from mhc_jax.quant import stream
-  layout, m = stream.open_budgeted(path, budget, step=step, eval_batch=True)
+  layout, m = stream.open_budgeted(path, budget, step=step, for_eval=True)
   cfg = layout.cfg
   n, host = _host_batches(cfg, batches, split)
   n_bytes = count_bytes(make_tokenizer(cfg.data), host)

@@ -4,8 +4,8 @@ Layout, written once beside the checkpoint (`R/stream/<step>/` of a run dir, `Q/
 quantised dir): `config.json`, `stream.json` (format, spec, step, and for each group its leaves:
 path, shape, dtype, byte offset) and one raw file per group -- `resident.bin` (embedding, collapse
 head, final norm, lm_head) and `layer_<l>.bin` (block l: float32 leaves, or a quantised kernel's
-`qvalue` / `scale` as stored). A group is read with one `readinto` into a fresh buffer; the leaves
-are views of it, so only the layers in use are resident.
+`qvalue` / `scale` as stored). A layer is read leaf by leaf into new arrays that go to the device,
+so only the layers in use are resident.
 
 `StreamedLM` keeps the resident part, the KV cache and the first `cached` layers in memory and
 reads the others when needed, one background thread reading the next layer while the current one
@@ -53,6 +53,8 @@ META = "stream.json"
 RESIDENT = "resident"
 ALIGN = 64
 ACT_SLACK = 1 << 20         # fixed part of the activation allowance, bytes
+
+
 def fmt_bytes(n: float) -> str:
   return f"{n / 2**20:.1f}MiB"
 
@@ -529,11 +531,11 @@ def budget_plan(layout: Layout, budget: int, batch: int = 1, eval_batch: tuple |
 
 
 def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: int = 1,
-                  eval_batch: tuple | None = None):
-  """(layout, StreamedLM or None): None when the whole model fits `budget` (run it in memory)."""
+                  for_eval: bool = False):
+  """(layout, StreamedLM or None) for decoding `batch` sequences, or for eval on the run's data
+  batches (`for_eval`); None when the whole model fits `budget` (run it in memory)."""
   layout = Layout(ensure_layout(run_dir, step))
-  if eval_batch:
-    eval_batch = (layout.cfg.data.batch_size, layout.cfg.data.seq_len)
+  eval_batch = (layout.cfg.data.batch_size, layout.cfg.data.seq_len) if for_eval else None
   p = budget_plan(layout, budget, batch, eval_batch)
   if p.in_memory:
     _say(f"--max-memory={fmt_bytes(budget)}: the model ({fmt_bytes(layout.weight_bytes)} of "
