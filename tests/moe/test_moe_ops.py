@@ -1,11 +1,11 @@
-"""`mhc_jax.ops.moe.moe_ffn` (ragged dispatch and dense) against the float64 dense-masked oracle:
+"""`mhc_jax.ops.moe.moe_ffn` (ragged, tiled and dense) against the float64 dense-masked oracle:
 values, gradients w.r.t. x and every weight (random cotangent), no drops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax.ops.moe import moe_ffn
+from mhc_jax.ops.moe import default_implementation, moe_ffn
 from tests.moe import oracle
 from tests.moe.helpers import make_params, make_x
 
@@ -19,17 +19,21 @@ CASES = [
     ("hot_expert", 8, 2, 0, 1.5, [10, 0, 0, 0, 0, 0, 0, 0]),         # expert 0 gets every token
 ]
 IDS = [c[0] for c in CASES]
+IMPLS = ["ragged", "tiled", "dense"]
+# "tiled" runs with 3-row tiles here (odd: groups span several tiles and end in padding)
+KW = {"tiled": {"tile": 3}}
 
 
 def _run(case, impl, seed=0):
   _, E, k, S, scale, bias = case
   params = make_params(seed, C, E, F, S, bias)
   x = make_x(seed + 1, T, C)
-  fn = jax.jit(lambda x, p: moe_ffn(x, p, top_k=k, routed_scale=scale, implementation=impl))
+  kw = dict(top_k=k, routed_scale=scale, implementation=impl, **KW.get(impl, {}))
+  fn = jax.jit(lambda x, p: moe_ffn(x, p, **kw))
   return params, x, fn
 
 
-@pytest.mark.parametrize("impl", ["ragged", "dense"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_values_match_float64_oracle(case, impl):
   _, E, k, S, scale, bias = case
@@ -42,7 +46,7 @@ def test_values_match_float64_oracle(case, impl):
   np.testing.assert_array_equal(np.asarray(stats["counts"]), mask.sum(0).astype(int))
 
 
-@pytest.mark.parametrize("impl", ["ragged", "dense"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_gradients_match_float64_oracle(case, impl):
   _, E, k, S, scale, bias = case
@@ -50,7 +54,7 @@ def test_gradients_match_float64_oracle(case, impl):
   g = np.random.default_rng(7).normal(size=(T, C))
 
   def f(x, p):
-    return moe_ffn(x, p, top_k=k, routed_scale=scale, implementation=impl)[0]
+    return moe_ffn(x, p, top_k=k, routed_scale=scale, implementation=impl, **KW.get(impl, {}))[0]
 
   _, pullback = jax.vjp(jax.jit(f), x, params)
   dx, dp = pullback(jnp.asarray(g, jnp.float32))
@@ -131,3 +135,10 @@ def test_bfloat16_matmuls_close_to_float32():
   y16, _ = moe_ffn(x.astype(jnp.bfloat16), params, top_k=2)
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
+
+
+def test_auto_is_tiled_on_cpu_ragged_elsewhere():
+  assert default_implementation("cpu") == "tiled"
+  assert default_implementation("gpu") == default_implementation("tpu") == "ragged"
+  with pytest.raises(ValueError, match="implementation='grouped'"):
+    moe_ffn(make_x(0, 2, C), make_params(0, C, 4, F, 0), top_k=1, implementation="grouped")
