@@ -55,6 +55,8 @@ def test_sharded_nnx_matches_single_device(strategy, shape):
     specs = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
 
   if strategy == "fsdp_tp":
+    # NNX reads the rules as a dict (the last rule of a name wins): embed -> ("data", "fsdp"), the
+    # rule Linen keeps for expert weights (Linen gives dense weights ("data", "expert", "fsdp"))
     assert specs["embed"]["embedding"] == jax.sharding.PartitionSpec("tensor", ("data", "fsdp"))
     assert specs["blocks"]["attn"]["query"]["kernel"][2] == "tensor"
     emb = model.embed.embedding[...]
