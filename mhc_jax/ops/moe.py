@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLEMENTATIONS = ("auto", "ragged", "tiled", "dense")
-TILE = 64           # rows per tile of "tiled": the fastest of 16/32/64/128 on CPU (T=512, C=128, F=64, E=16, k=2)
+TILE = 64     # rows per "tiled" tile: fastest of 16/32/64/128 on CPU (T=512, C=128, F=64, E=16, k=2)
 
 
 def default_implementation(backend: str | None = None) -> str:
