@@ -66,6 +66,7 @@ class MeshSetup:
 def setup_mesh(cfg: RunConfig, devices=None) -> tuple[Mesh, list]:
   """Mesh and logical rules for this run (the one place a strategy is turned into shardings)."""
   mesh = shd.make_mesh(cfg.mesh, devices)
+  shd.check_experts(cfg.model, mesh)
   data_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if cfg.data.batch_size % data_shards:
     fail("data.batch_size", cfg.data.batch_size,
