@@ -100,8 +100,8 @@ def run_loaded(args) -> int:
 
 
 def run_budgeted(args) -> int:
-  """`mhc-jax eval|sample --max-memory SIZE` for a run dir or a quantised dir (the command's argument
-  checks have run); the report (mode, tokens/s, peak RSS) goes to stderr for `sample`."""
+  """`mhc-jax eval|sample --max-memory SIZE` for a run dir or a quantised dir (the command's
+  argument checks have run); the report (mode, tokens/s, peak RSS) goes to stderr for `sample`."""
   budget = parse_size(args.max_memory)
   from mhc_jax.quant.infer import budgeted_eval, budgeted_sample
   if args.command == "eval":
@@ -115,7 +115,8 @@ def run_budgeted(args) -> int:
     print(t)
     if args.num > 1:
       print("-" * 60)
+  mib = 2**20
   print(f"{report['mode']}: {report['tokens_per_s']:.1f} tokens/s, peak RSS "
-        f"{report['peak_rss_bytes'] / 2**20:.0f}MiB, {report['bytes_read_per_token'] / 2**20:.1f}MiB "
+        f"{report['peak_rss_bytes'] / mib:.0f}MiB, {report['bytes_read_per_token'] / mib:.1f}MiB "
         f"read per token (weights {report['weight_bytes'] / 2**20:.1f}MiB)", file=sys.stderr)
   return 0

@@ -15,8 +15,8 @@ and rng sequence of `mhc_jax.sample.decode`, so greedy tokens equal the in-memor
 layers run through the qwix PTQ wrapper of `Block` with the rules of `mhc_jax.quant.core.rules`.
 
 Budget (`plan`): resident weights + KV cache + activations (`activation_bytes`, an estimate) +
-`slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget. Not counted:
-the Python / JAX runtime and compiled code (the process's resident set before weights load).
+`slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget. Not
+counted: the Python / JAX runtime and compiled code (the resident set before weights load).
 """
 from __future__ import annotations
 
@@ -150,8 +150,8 @@ def ensure_layout(run_dir: str, step: int | None = None) -> str:
   if not os.path.isdir(run_dir):
     raise ConfigError(f"--run-dir {run_dir!r} is not allowed: no such directory")
   if getattr(rd.read_config(run_dir).model, "moe", None) is not None:
-    raise ConfigError(f"--max-memory is not allowed for {run_dir!r}: streaming the layers of an MoE "
-                      f"model (model.moe) is not supported; run it without --max-memory")
+    raise ConfigError(f"--max-memory is not allowed for {run_dir!r}: streaming the layers of an "
+                      f"MoE model (model.moe) is not supported; run it without --max-memory")
   if is_quantized_dir(run_dir):
     read_meta(run_dir)
     if step is not None:
@@ -358,8 +358,8 @@ def plan(layout: Layout, budget: int, kv_cache: int = 0, activations: int | None
   free = (budget - fixed) // lb
   if free < 1:
     raise ConfigError(f"--max-memory={fmt_bytes(budget)} is not allowed: below the minimum "
-                      f"{fmt_bytes(p.minimum)} = resident weights {fmt_bytes(p.resident)} + KV cache "
-                      f"{fmt_bytes(kv_cache)} + activations {fmt_bytes(act)} + read buffer "
+                      f"{fmt_bytes(p.minimum)} = resident weights {fmt_bytes(p.resident)} + KV "
+                      f"cache {fmt_bytes(kv_cache)} + activations {fmt_bytes(act)} + read buffer "
                       f"{fmt_bytes(layout.max_leaf)} + one layer {fmt_bytes(lb)}")
   slots = min(2, free)
   return dataclasses.replace(p, slots=slots, cached=min(free - slots, n - 1))
@@ -521,7 +521,8 @@ def _say(msg: str):
   print(msg, file=sys.stderr, flush=True)
 
 
-def budget_plan(layout: Layout, budget: int, batch: int = 1, eval_batch: tuple | None = None) -> Plan:
+def budget_plan(layout: Layout, budget: int, batch: int = 1,
+                eval_batch: tuple | None = None) -> Plan:
   """`plan` for decoding `batch` sequences (KV cache of `max_seq_len`), or for eval on `[B, T]`."""
   cfg = layout.cfg.model
   if eval_batch:

@@ -7,8 +7,8 @@ A float32 model initialised with `LM(cfg).init` (weights dominate: vocab 256) is
 `mhc_jax.quant.stream` layout; then each mode runs in its own child process (`--child`): in memory
 (`load_params` + the `lax.scan` decoder of `mhc_jax.sample`), and streamed at a budget of
 `--budget-frac` of the weights, `--rounds` times each, alternated (the fastest run of each mode is
-reported; all rates are in the JSON). Each child generates once (compiling), drops the model, takes its
-resident set (`rss0`: Python, the JAX runtime, compiled code), resets the peak
+reported; all rates are in the JSON). Each child generates once (compiling), drops the model, takes
+its resident set (`rss0`: Python, the JAX runtime, compiled code), resets the peak
 (`/proc/self/clear_refs`), builds the model again, times greedy generation and reads VmHWM:
 `peak_rss - rss0` is what the model took (weights, KV cache, activations, read buffers). The layer
 files are in the OS page cache after the first pass, so "disk" reads here run at memory-copy speed.
@@ -38,7 +38,8 @@ def _trim():
     pass
 
 
-def child(layout_path: str, budget: int | None, tokens: int, prompt_len: int, reps: int = 1) -> dict:
+def child(layout_path: str, budget: int | None, tokens: int, prompt_len: int,
+          reps: int = 1) -> dict:
   """Measure one mode in this process (run it in a fresh process: the peak RSS is per process).
 
   Warm-up generation (compiles), model dropped, `rss0` = the resident set then (runtime + compiled
@@ -78,14 +79,16 @@ def child(layout_path: str, budget: int | None, tokens: int, prompt_len: int, re
     best = dt if best is None else min(best, dt)
     assert (out2 == out).all()
   res = {"mode": "in_memory" if m is None else "streamed", "budget_bytes": budget,
-         "weight_bytes": layout.weight_bytes, "rss0_bytes": rss0, "peak_rss_bytes": stream.peak_rss(),
+         "weight_bytes": layout.weight_bytes, "rss0_bytes": rss0,
+         "peak_rss_bytes": stream.peak_rss(),
          "peak_reset_after_warmup": reset, "first_call_s": first, "tokens": tokens,
          "prompt_len": prompt_len, "decode_s": best, "tokens_per_s": tokens / best,
          "bytes_read_per_token": ((m.bytes_read - read0) / reps / tokens) if m else 0,
          "tokens_out": np.asarray(out).tolist()}
   res["model_rss_bytes"] = res["peak_rss_bytes"] - rss0
   if m:
-    res["plan"] = {"cached_layers": m.plan.cached, "streamed_layers": m.plan.n_layers - m.plan.cached,
+    res["plan"] = {"cached_layers": m.plan.cached,
+                   "streamed_layers": m.plan.n_layers - m.plan.cached,
                    "slots": m.plan.slots, "layer_bytes": m.plan.layer,
                    "resident_bytes": m.plan.resident, "kv_cache_bytes": m.plan.kv_cache,
                    "activations_bytes": m.plan.activations, "read_buffer_bytes": m.plan.read_buffer}
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
   ap.add_argument("--reps", type=int, default=2, help="timed generations after the warm-up (best)")
   ap.add_argument("--rounds", type=int, default=2,
                   help="child runs per mode, alternated; the fastest of each is reported")
-  ap.add_argument("--budget-frac", type=float, default=0.5, help="budget as a fraction of the weights")
+  ap.add_argument("--budget-frac", type=float, default=0.5,
+                  help="budget as a fraction of the weights")
   ap.add_argument("--out", default=DEFAULT_OUT, help="result JSON ('-': none)")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
-"""mhc_jax.quant.stream (`--max-memory`): layers streamed from disk give the in-memory run's tokens and
-loss (float32, int8 and int4; stacked and unstacked blocks); the peak resident memory stays under the
-budget plus an allowance; bad budgets are one clear error."""
+"""mhc_jax.quant.stream (`--max-memory`): layers streamed from disk give the in-memory run's tokens
+and loss (float32, int8 and int4; stacked and unstacked blocks); the peak resident memory stays under
+the budget plus an allowance; bad budgets are one clear error."""
 import json
 import os
 
@@ -134,7 +134,8 @@ def run_dir(tmp_path_factory):
   from tests.train.helpers import tiny_config, write_corpus
   root = tmp_path_factory.mktemp("srun")
   corpus = write_corpus(str(root / "corpus"), n_files=4, lines=30)
-  cfg = tiny_config(corpus, str(root / "cache"), "model.n_layers=4", "train.steps=2", "train.warmup_steps=1",
+  cfg = tiny_config(corpus, str(root / "cache"), "model.n_layers=4", "train.steps=2",
+                    "train.warmup_steps=1",
                     "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
                     "train.sample_tokens=0")
   out = str(root / "run")
@@ -168,8 +169,9 @@ def test_cli_run_dir_streamed_eval_and_sample(run_dir, capsys):
 
 @pytest.mark.slow
 def test_peak_rss_under_budget(tmp_path):
-  """A model whose weights dwarf the runtime's noise: streamed at half the weights, the model's peak
-  resident memory (above the warmed-up runtime) stays under budget + allowance; in memory it does not."""
+  """A model whose weights dwarf the runtime's noise: streamed at half the weights, the model's
+  peak resident memory (above the warmed-up runtime) stays under budget + allowance; in memory it
+  does not."""
   from mhc_jax.tools.bench_stream import run_child, write_model
   path = write_model(str(tmp_path / "layout"), 384, 4, 6, 24)
   weights = stream.Layout(path).weight_bytes      # ~29 MB
