@@ -32,7 +32,9 @@ from mhc_jax.tools.args import config_parser
 from mhc_jax.tools.hlo import collective_stats, cpu_cost_model
 
 MiB = 2 ** 20
-PRESETS = {"small": "sharding_small", "1b": "sharding_1b"}   # --preset -> mhc_jax.configs name
+PRESETS = {"small": "sharding_small", "1b": "sharding_1b",   # --preset -> mhc_jax.configs name
+           "paper_3b": "paper_3b", "paper_9b": "paper_9b", "paper_27b": "paper_27b",
+           "moe_small": "moe_small"}
 NOTES = ("memory per device from memory_analysis (CPU buffer assignment differs from TPU/GPU); "
          "flops / bytes accessed from cost_analysis as XLA reports them, which counts a while-loop "
          "body once (a scanned layer stack contributes one layer): compare rows, not absolutes; "
@@ -154,11 +156,13 @@ def compile_row(cfg, devices, steps: int = 0, real: bool = True) -> dict[str, An
 # CLI.
 
 def preset(name: str):
-  """The run config of `--preset NAME`: `small` (CPU-sized, seconds per row) or `1b` (~1.0B-parameter
-  mHC LM for ahead-of-time compiles); the presets `sharding_small` / `sharding_1b` of `mhc_jax.configs`."""
+  """The run config of `--preset NAME`: `small` (CPU-sized, seconds per row), `1b` (~1.0B-parameter
+  mHC LM for ahead-of-time compiles), the paper's MoE models `paper_3b|9b|27b` (Table 5, ahead of
+  time) or `moe_small` (CPU); presets of `mhc_jax.configs`."""
   from mhc_jax.configs import get_preset
   if name not in PRESETS:
-    raise ConfigError(f"--preset {name!r} is not allowed: choose one of 'small', '1b'")
+    raise ConfigError(f"--preset {name!r} is not allowed: choose one of "
+                      + ", ".join(repr(p) for p in PRESETS))
   return get_preset(PRESETS[name])
 
 

@@ -3,7 +3,8 @@
   plot_runs      `mhc-jax plot RUN_DIR ... --out plot.png` (and `plot.png` at the end of `mhc-jax
                  train`): train loss (and eval loss, dashed) vs step; composite Amax gain over depth
                  (forward and backward, max over validation tokens) vs step, log scale; gradient
-                 norm vs step
+                 norm vs step; for MoE runs also the expert balance: coefficient of variation of
+                 the experts' token shares (worst MoE layer) and the largest share, vs step
   plot_sharding  `mhc-jax compare-sharding`: memory, collective bytes and FLOPs per row
 
 matplotlib is imported inside each function, not at the top: it is heavy (about a second to import)
@@ -53,7 +54,8 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
 
   runs = [_records(d) for d in run_dirs]
   labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  moe = any(isinstance(r.get("moe/load_cv"), list) for rec in runs for r in rec)
+  fig, axes = plt.subplots(1, 4 if moe else 3, figsize=(20 if moe else 15, 4.2))
   for rec, label in zip(runs, labels):
     x, y = _series(rec, "train", "loss")
     line, = axes[0].plot(x, y, label=f"{label} train", lw=1.2)
@@ -67,9 +69,19 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
                      label=f"{label} {'fwd' if 'fwd' in key else 'bwd'}")
     x, y = _series(rec, "train", "grad_norm")
     axes[2].plot(x, y, color=line.get_color(), lw=1, label=label)
+    if moe:
+      for key, style in (("moe/load_cv", "-"), ("moe/load_max", ":")):
+        pts = [(r["step"], max(r[key])) for r in rec
+               if r.get("kind") == "train" and isinstance(r.get(key), list) and r[key]]
+        if pts:
+          axes[3].plot(*zip(*pts), style, color=line.get_color(),
+                       label=f"{label} {'CV' if key.endswith('cv') else 'max share'}")
   axes[0].set(title="loss (nats/token)", xlabel="step")
   axes[1].set(title="composite Amax gain over depth (max over tokens)", xlabel="step", yscale="log")
   axes[2].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
+  if moe:
+    axes[3].set(title="expert load: CV of token shares, largest share (worst MoE layer)",
+                xlabel="step")
   for ax in axes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
