@@ -15,6 +15,9 @@ sequence (the second-to-last axis). With `with_stats=True` the call returns `(y,
 statistics as values (`counts [E]`, `seq_aux_loss`, `router_entropy`): the form that passes through
 `nn.scan` and `jax.checkpoint` as ordinary outputs (the LM's blocks use it).
 
+`implementation`: "auto" (`ops.moe.default_implementation()`: "tiled" on CPU, "ragged" on GPU/TPU),
+"ragged", "tiled" or "dense" (see `mhc_jax.ops.moe`).
+
 Expert parallelism: when the active mesh (`jax.sharding.get_abstract_mesh()`, as the kernels use)
 has an `expert` axis of size > 1, the FFN runs as `mhc_jax.ops.moe_ep.moe_ffn_ep` inside
 `jax.shard_map`: tokens over the batch axes, gate/up/down over `expert` on E, the rest replicated
@@ -48,7 +51,7 @@ class MoE(nn.Module):
   init_std: float = 0.02
   out_std: float = 0.02
   dtype: Any = jnp.float32
-  implementation: str = "ragged"
+  implementation: str = "auto"
   with_stats: bool = False
 
   @nn.compact

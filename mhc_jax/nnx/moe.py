@@ -88,7 +88,7 @@ class MoE(nnx.Module):
   with shared experts `shared_gate/shared_up [C, S·F]`, `shared_down [S·F, C]`; `bias [E]` a `MoEState`."""
 
   def __init__(self, d_model, cfg: MoEConfig, *, init_std=0.02, out_std=0.02, dtype=jnp.float32,
-               implementation="ragged", rngs: nnx.Rngs):
+               implementation="auto", rngs: nnx.Rngs):
     self.cfg, self.dtype, self.implementation = cfg, dtype, implementation
     C, E, F = d_model, cfg.n_routed, cfg.d_expert
     w = lambda shape, axes, std=init_std: param(_normal(rngs, shape, std), axes)  # noqa: E731
