@@ -67,7 +67,13 @@ class QuantSpec:
 
 
 def check_spec(spec: QuantSpec, cfg: ModelConfig):
-  """One clear error when `group_size` does not divide a contraction width (int4 only)."""
+  """One clear error for a model the rules do not cover (MoE experts and MLA projections are
+  raw parameters, not the `nn.Einsum` / `nn.Dense` layers qwix intercepts), and when `group_size`
+  does not divide a contraction width (int4 only)."""
+  for field, value in (("model.moe", cfg.moe), ("model.mla", cfg.mla)):
+    if value is not None:
+      raise ConfigError(f"{field}={value} is not allowed: quantisation covers the dense attention "
+                        "and SwiGLU projections; MoE and MLA models are not supported yet")
   if spec.mode != "int4":
     return
   g = spec.group_size

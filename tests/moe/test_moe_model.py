@@ -168,3 +168,13 @@ def test_paper_presets_match_table5(name):
 def test_bad_moe_config_is_one_clear_error(overrides, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
     apply_overrides(get_preset("tiny"), overrides)
+
+
+def test_quantize_refuses_moe_and_mla_models():
+  """The qwix rules cover nn.Einsum / nn.Dense projections only: an MoE or MLA model is one clear
+  error naming the field, not a silently half-quantised model."""
+  from mhc_jax.quant.core import QuantSpec, check_spec
+  with pytest.raises(ConfigError, match=r"model\.moe=.*not supported"):
+    check_spec(QuantSpec(mode="int8"), _cfg())
+  with pytest.raises(ConfigError, match=r"model\.mla=.*not supported"):
+    check_spec(QuantSpec(mode="int8"), dataclasses.replace(_cfg(), moe=None, n_dense_layers=0))
