@@ -27,10 +27,9 @@ batch shards it falls back to the single-program `moe_ffn`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax

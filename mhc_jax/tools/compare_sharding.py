@@ -393,6 +393,9 @@ def _check_args(args):
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   _check_args(args)
+  from mhc_jax.tools import h100
+  if args.topology and h100.parse_topology(args.topology):
+    h100.set_compile_only_flags()
   if args.cpu_devices:
     import jax
     try:

@@ -115,6 +115,20 @@ def target_config(gpu: str = "h100") -> str:
   raise RuntimeError(f"no target config for {gpu!r} in the CUDA plugin; set MHC_GPU_TARGET_CONFIG")
 
 
+# XLA sorts large arrays (e.g. the MoE dispatch's argsort over T*k pairs) with CUB's radix sort,
+# whose scratch size is asked of a GPU at compile time: without a device that ends in "CUDA Runtime
+# error: invalid device ordinal". Compile-only runs take XLA's own sort instead.
+COMPILE_ONLY_XLA_FLAGS = "--xla_gpu_enable_cub_radix_sort=false"
+
+
+def set_compile_only_flags():
+  """Add `COMPILE_ONLY_XLA_FLAGS` to `XLA_FLAGS`; call before JAX starts a backend (XLA reads the
+  flags once per process)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if COMPILE_ONLY_XLA_FLAGS not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {COMPILE_ONLY_XLA_FLAGS}".strip()
+
+
 def parse_topology(name: str) -> tuple[str, int] | None:
   """`"h100:8"` -> ("h100", 8); `"h200"` -> ("h200", 1); None when `name` is not a GPU topology."""
   m = re.fullmatch(r"(h100|h200)(?::(\d+))?", name.strip().lower())
