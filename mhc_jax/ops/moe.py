@@ -47,8 +47,13 @@ TILE = 64     # rows per "tiled" tile: fastest of 16/32/64/128 on CPU (T=512, C=
 
 
 def default_implementation(backend: str | None = None) -> str:
-  """What `implementation="auto"` runs: "tiled" on CPU (no grouped-GEMM kernel there), else "ragged"."""
-  return "tiled" if (backend or jax.default_backend()) == "cpu" else "ragged"
+  """What `implementation="auto"` runs: "tiled" on CPU (no grouped-GEMM kernel there), else
+  "ragged". The platform is `backend`, else the active mesh's devices' (so an ahead-of-time compile
+  for a TPU or GPU topology from a CPU host takes that platform's path), else the default backend's."""
+  if backend is None:
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    backend = device.platform if device is not None else jax.default_backend()
+  return "tiled" if backend == "cpu" else "ragged"
 
 
 def route(x_TC, w_router_CE, bias_E, *, top_k: int, routed_scale: float = 1.0):
