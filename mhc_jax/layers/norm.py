@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from mhc_jax.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,6 +15,4 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (x.shape[-1],), jnp.float32)
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return rms_norm(x, scale, self.eps, self.dtype)

@@ -1,9 +1,10 @@
 """NNX RMSNorm, `y = x * rsqrt(mean(x^2) + eps) * scale` in float32, and the `param` helper."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mhc_jax.ops.norm import rms_norm
 
 
 def param(value, axes) -> nnx.Param:
@@ -18,6 +19,4 @@ class RMSNorm(nnx.Module):
     self.scale = param(jnp.ones((dim,), jnp.float32), ("embed",))
 
   def __call__(self, x):
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(self.dtype)
+    return rms_norm(x, self.scale[...], self.eps, self.dtype)

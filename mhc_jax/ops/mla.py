@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mhc_jax.ops.norm import rms_norm
 from mhc_jax.ops.rope import rope
 
 _NEG = -1e30   # masked score (finite: no NaN even if a row were fully masked)
@@ -29,13 +30,6 @@ _NEG = -1e30   # masked score (finite: no NaN even if a row were fully masked)
 def _identity(a, axes):
   del axes
   return a
-
-
-def rms_norm(x, scale, eps, dtype):
-  """`x * rsqrt(mean(x^2) + eps) * scale` in float32, cast to `dtype`."""
-  xf = x.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-  return (y * scale).astype(dtype)
 
 
 def _softmax_f32(s_BHTS, mask_TS):

@@ -489,21 +489,23 @@ def load_params(layout: Layout):
   return _from_plain(plain, abstract_qparams(cfg, layout.spec))
 
 
-def peak_rss() -> int:
-  """This process's peak resident set (VmHWM), bytes."""
+def _status_bytes(key: str) -> int:
+  """A kB field of /proc/self/status (e.g. `VmHWM`), in bytes; 0 when absent."""
   with open("/proc/self/status", encoding="ascii") as f:
     for line in f:
-      if line.startswith("VmHWM:"):
+      if line.startswith(key + ":"):
         return int(line.split()[1]) * 1024
   return 0
+
+
+def peak_rss() -> int:
+  """This process's peak resident set (VmHWM), bytes."""
+  return _status_bytes("VmHWM")
 
 
 def current_rss() -> int:
-  with open("/proc/self/status", encoding="ascii") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  return 0
+  """This process's resident set (VmRSS), bytes."""
+  return _status_bytes("VmRSS")
 
 
 def reset_peak_rss():
