@@ -6,6 +6,7 @@ dense SwiGLU, or the DeepSeekMoE layer in a block built with `moe=True`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   decode: bool = False
   moe: bool = False
+  experts: Any = None     # MoE blocks: an expert source (`layers.moe.MoE.experts`), None = params
 
   @nn.compact
   def __call__(self, x, layer):
@@ -40,10 +42,11 @@ class Block(nn.Module):
                        out_std, self.dtype, self.decode, name="attn")
     stats = {}
     if self.moe:
-      moe = MoE(cfg.moe, cfg.init_std, out_std, self.dtype, with_stats=True, name="moe")
+      moe = MoE(cfg.moe, cfg.init_std, out_std, self.dtype, with_stats=True, experts=self.experts,
+                name="moe")
 
       def ffn(u):
-        y, s = moe(u)
+        y, s = moe(u, layer)
         stats.update(s)
         return y
     else:

@@ -15,6 +15,11 @@ sequence (the second-to-last axis). With `with_stats=True` the call returns `(y,
 statistics as values (`counts [E]`, `seq_aux_loss`, `router_entropy`): the form that passes through
 `nn.scan` and `jax.checkpoint` as ordinary outputs (the LM's blocks use it).
 
+`experts`: None (the routed experts are the params above), or an expert source for the layer-
+streaming path (`mhc_jax.quant.stream`): an object whose `fetch(layer, slots)` returns only the
+experts a batch routes to (`ops.moe.moe_ffn(fetch=...)`); gate/up/down are then not params, and the
+call takes the block's `layer` index.
+
 `implementation`: "auto" (`ops.moe.default_implementation()`: "tiled" on CPU, "ragged" on GPU/TPU),
 "ragged", "tiled" or "dense" (see `mhc_jax.ops.moe`).
 
@@ -52,9 +57,10 @@ class MoE(nn.Module):
   dtype: Any = jnp.float32
   implementation: str = "auto"
   with_stats: bool = False
+  experts: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, layer=None):
     cfg = self.config
     C = x.shape[-1]
     E, F = cfg.n_routed, cfg.d_expert
@@ -63,12 +69,14 @@ class MoE(nn.Module):
       init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
       return self.param(name, init, shape, jnp.float32)
 
-    params = {
-        "router": param("router", (C, E), ("embed", None), self.init_std),
-        "gate": param("gate", (E, C, F), ("experts", "embed", "mlp"), self.init_std),
-        "up": param("up", (E, C, F), ("experts", "embed", "mlp"), self.init_std),
-        "down": param("down", (E, F, C), ("experts", "mlp", "embed"), self.out_std),
-    }
+    params = {"router": param("router", (C, E), ("embed", None), self.init_std)}
+    fetch = None
+    if self.experts is None:
+      params["gate"] = param("gate", (E, C, F), ("experts", "embed", "mlp"), self.init_std)
+      params["up"] = param("up", (E, C, F), ("experts", "embed", "mlp"), self.init_std)
+      params["down"] = param("down", (E, F, C), ("experts", "mlp", "embed"), self.out_std)
+    else:
+      fetch = functools.partial(self.experts.fetch, layer)
     if cfg.n_shared:
       S = cfg.n_shared * F
       params["shared_gate"] = param("shared_gate", (C, S), ("embed", "mlp"), self.init_std)
@@ -81,7 +89,7 @@ class MoE(nn.Module):
     params = {k: nn.unbox(v) for k, v in params.items()}
 
     lead = x.shape[:-1]
-    y_TC, stats = _ffn(x.reshape(-1, C), params, cfg, self.dtype, self.implementation)
+    y_TC, stats = _ffn(x.reshape(-1, C), params, cfg, self.dtype, self.implementation, fetch)
     self.sow("intermediates", "counts", stats["counts"])
     self.sow("intermediates", "load", stats["load"])
     seq_loss = jnp.zeros((), jnp.float32)
@@ -98,14 +106,15 @@ class MoE(nn.Module):
                "router_entropy": router_entropy(stats["affinity"])}
 
 
-def _ffn(x_TC, params, cfg: MoEConfig, dtype, implementation):
+def _ffn(x_TC, params, cfg: MoEConfig, dtype, implementation, fetch=None):
   """`moe_ffn`, or `moe_ffn_ep` under `shard_map` when the active mesh has an expert axis > 1."""
   kw = dict(top_k=cfg.top_k, routed_scale=cfg.routed_scale, dtype=dtype)
   mesh = jax.sharding.get_abstract_mesh()
   sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
   batch = tuple(a for a in BATCH_AXES if a in sizes)
-  if sizes.get("expert", 1) <= 1 or x_TC.shape[0] % math.prod(sizes[a] for a in batch):
-    return moe_ffn(x_TC, params, implementation=implementation, **kw)
+  if (fetch is not None or sizes.get("expert", 1) <= 1
+      or x_TC.shape[0] % math.prod(sizes[a] for a in batch)):
+    return moe_ffn(x_TC, params, implementation=implementation, fetch=fetch, **kw)
   if cfg.n_routed % sizes["expert"]:
     raise ValueError(f"model.moe.n_routed={cfg.n_routed} must be divisible by the mesh's expert "
                      f"size {sizes['expert']}")

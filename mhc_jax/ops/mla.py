@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mhc_jax.ops.norm import rms_norm
 from mhc_jax.ops.rope import rope
+from mhc_jax.ops.weights import materialize
 
 _NEG = -1e30   # masked score (finite: no NaN even if a row were fully masked)
 
@@ -38,7 +39,7 @@ def _softmax_f32(s_BHTS, mask_TS):
 
 
 def _w(params, name, dtype):
-  return jnp.asarray(params[name], dtype)
+  return materialize(params[name], dtype)     # a float kernel, or a quantised one (W = q · s)
 
 
 def mla_project(params, x_BTC, *, q_rank: int, norm_eps: float, dtype, constrain=_identity):

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mhc_jax.ops.weights import leading, materialize, take
+
 IMPLEMENTATIONS = ("auto", "ragged", "tiled", "dense")
 TILE = 64     # rows per "tiled" tile: fastest of 16/32/64/128 on CPU (T=512, C=128, F=64, E=16, k=2)
 
@@ -74,13 +76,13 @@ def route(x_TC, w_router_CE, bias_E, *, top_k: int, routed_scale: float = 1.0):
 
 
 def _swiglu(x, w_gate, w_up, w_down, dtype):
-  h = jax.nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
-  return h @ w_down.astype(dtype)
+  h = jax.nn.silu(x @ materialize(w_gate, dtype)) * (x @ materialize(w_up, dtype))
+  return h @ materialize(w_down, dtype)
 
 
 def _routed_ragged(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
   T, k = expert_ids_Tk.shape
-  E = params["gate"].shape[0]
+  E = leading(params["gate"])
   flat_e = expert_ids_Tk.reshape(-1)                               # pair p = t·k + j
   order_M = jnp.argsort(flat_e, stable=True)                       # pairs in expert order
   token_M = order_M // k
@@ -88,7 +90,7 @@ def _routed_ragged(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
   xs_MC = x_TC.astype(dtype)[token_M]
 
   def gmm(lhs, w):
-    return lax.ragged_dot(lhs, w.astype(dtype), group_sizes_E)
+    return lax.ragged_dot(lhs, materialize(w, dtype), group_sizes_E)
 
   h_MF = jax.nn.silu(gmm(xs_MC, params["gate"])) * gmm(xs_MC, params["up"])
   ys_MC = gmm(h_MF, params["down"])
@@ -109,7 +111,7 @@ def _routed_tiled(x_TC, params, expert_ids_Tk, weights_Tk, dtype, tile=TILE):
   """
   T, k = expert_ids_Tk.shape
   C = x_TC.shape[-1]
-  E = params["gate"].shape[0]
+  E = leading(params["gate"])
   M = T * k
   m = max(1, min(tile, M))
   N = (M + min(E, M) * (m - 1)) // m                               # Σ_e n_e <= N (static)
@@ -131,7 +133,7 @@ def _routed_tiled(x_TC, params, expert_ids_Tk, weights_Tk, dtype, tile=TILE):
   tiles_NmC = xz[src_R].reshape(N, m, C)
 
   def mm(a, w):
-    return jnp.einsum("nmc,ncf->nmf", a, w.astype(dtype)[tile_e_N])
+    return jnp.einsum("nmc,ncf->nmf", a, materialize(take(w, tile_e_N), dtype))
 
   h_NmF = jax.nn.silu(mm(tiles_NmC, params["gate"])) * mm(tiles_NmC, params["up"])
   y_RC = mm(h_NmF, params["down"]).reshape(N * m, C)
@@ -143,18 +145,29 @@ def _routed_tiled(x_TC, params, expert_ids_Tk, weights_Tk, dtype, tile=TILE):
 
 
 def _routed_dense(x_TC, params, expert_ids_Tk, weights_Tk, dtype):
-  E = params["gate"].shape[0]
+  E = leading(params["gate"])
   combine_TE = jnp.sum(jax.nn.one_hot(expert_ids_Tk, E, dtype=jnp.float32)
                        * weights_Tk[..., None], axis=1)
   xd = x_TC.astype(dtype)
-  h_ETF = (jax.nn.silu(jnp.einsum("tc,ecf->etf", xd, params["gate"].astype(dtype)))
-           * jnp.einsum("tc,ecf->etf", xd, params["up"].astype(dtype)))
-  y_ETC = jnp.einsum("etf,efc->etc", h_ETF, params["down"].astype(dtype))
+  h_ETF = (jax.nn.silu(jnp.einsum("tc,ecf->etf", xd, materialize(params["gate"], dtype)))
+           * jnp.einsum("tc,ecf->etf", xd, materialize(params["up"], dtype)))
+  y_ETC = jnp.einsum("etf,efc->etc", h_ETF, materialize(params["down"], dtype))
   return jnp.einsum("etc,te->tc", y_ETC.astype(jnp.float32), combine_TE)
 
 
+def compact_experts(expert_ids_Tk, n_experts: int):
+  """The experts a batch routes to, in `S = min(E, T·k)` slots: `(slots [S], local_ids [T, k])`
+  with `slots` the distinct ids ascending, padded with the sentinel `E` (an unused slot), and
+  `slots[local_ids] == expert_ids`."""
+  flat = expert_ids_Tk.reshape(-1)
+  S = min(n_experts, flat.shape[0])
+  slots_S = jnp.unique(flat, size=S, fill_value=n_experts).astype(jnp.int32)
+  local = jnp.searchsorted(slots_S, flat).astype(jnp.int32)
+  return slots_S, local.reshape(expert_ids_Tk.shape)
+
+
 def moe_ffn(x_TC, params, *, top_k: int, routed_scale: float = 1.0, dtype=None,
-            implementation: str = "auto", tile: int = TILE):
+            implementation: str = "auto", tile: int = TILE, fetch=None):
   """DeepSeekMoE FFN on tokens `x_TC` → `(y_TC, stats)` (see the module docstring for the math).
 
   dtype: matmul dtype of the experts (default: x's dtype); routing and the gated combine run in
@@ -162,12 +175,18 @@ def moe_ffn(x_TC, params, *, top_k: int, routed_scale: float = 1.0, dtype=None,
   tiles of `tile` rows, one batched dot), "dense", or "auto" (`default_implementation()`); all dropless.
   stats: `counts [E]` int32 tokens per expert, `load [E]` = counts / (T·k), and the routing
   `expert_ids [T, k]`, `weights [T, k]`, `affinity [T, E]` (for `sequence_balance_loss`).
+  Kernels may be qwix `QArray`s (`mhc_jax.ops.weights`: W = q · s); the router stays float.
+
+  fetch: None (the routed experts are `params["gate"/"up"/"down"]`), or a traceable function
+  `slots [S] -> {"gate": [S, C, F], "up": [S, C, F], "down": [S, F, C]}` giving only the experts
+  this batch routes to (`compact_experts`: slot value E = unused, any weights): the layer-streaming
+  path reads just those from disk. The result is the same.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}")
   dtype = jnp.dtype(dtype or x_TC.dtype)
   T = x_TC.shape[0]
-  E = params["gate"].shape[0]
+  E = params["router"].shape[-1]
   bias_E = params.get("bias")
   if bias_E is None:
     bias_E = jnp.zeros((E,), jnp.float32)
@@ -175,11 +194,15 @@ def moe_ffn(x_TC, params, *, top_k: int, routed_scale: float = 1.0, dtype=None,
                                                  routed_scale=routed_scale)
   if implementation == "auto":
     implementation = default_implementation()
+  experts, ids_Tk = params, expert_ids_Tk
+  if fetch is not None:
+    slots_S, ids_Tk = compact_experts(expert_ids_Tk, E)
+    experts = fetch(slots_S)
   if implementation == "tiled":
-    y_TC = _routed_tiled(x_TC, params, expert_ids_Tk, weights_Tk, dtype, tile)
+    y_TC = _routed_tiled(x_TC, experts, ids_Tk, weights_Tk, dtype, tile)
   else:
     routed = _routed_ragged if implementation == "ragged" else _routed_dense
-    y_TC = routed(x_TC, params, expert_ids_Tk, weights_Tk, dtype)
+    y_TC = routed(x_TC, experts, ids_Tk, weights_Tk, dtype)
   if params.get("shared_gate") is not None:
     y_TC = y_TC + _swiglu(x_TC.astype(dtype), params["shared_gate"], params["shared_up"],
                           params["shared_down"], dtype).astype(jnp.float32)

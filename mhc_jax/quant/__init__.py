@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 
 from mhc_jax.quant.core import (QuantSpec, abstract_qparams, check_spec, dequantize_params,
@@ -19,7 +20,8 @@ from mhc_jax.quant.core import (QuantSpec, abstract_qparams, check_spec, dequant
                                 tree_bytes)
 from mhc_jax.quant.infer import (evaluate_quantized, quantized_eval, quantized_generate,
                                  quantized_logits, quantized_sample)
-from mhc_jax.quant.io import check_out, dir_bytes, is_quantized_dir, load_quantized, save_quantized
+from mhc_jax.quant.io import (check_out, dir_bytes, is_quantized_dir, load_moe_state, load_quantized,
+                              save_quantized)
 from mhc_jax.train import run_dir as rd
 from mhc_jax.train.loop import load_checkpoint
 
@@ -32,12 +34,13 @@ def quantize_run(run_dir: str, out: str, spec: QuantSpec, *, step: int | None = 
   trainer = load_checkpoint(run_dir, step)
   cfg, step = trainer.cfg, trainer.step_count
   params = jax.device_get(trainer.state.params)
+  moe_state = nn.meta.unbox(jax.device_get(trainer.state.moe_state))
   qparams = quantize_params(cfg.model, params, spec)
   qk, fk = quantized_kernel_bytes(qparams)
   info = {"source_run_dir": os.path.abspath(run_dir), "step": int(step),
           "float32_weight_bytes": tree_bytes(params), "quantized_weight_bytes": tree_bytes(qparams),
           "quantized_kernels_bytes": qk, "quantized_kernels_float32_bytes": fk}
-  save_quantized(out, cfg, spec, qparams, info)
+  save_quantized(out, cfg, spec, qparams, info, moe_state=moe_state)
   src = os.path.join(run_dir, "checkpoints", str(step), "state")
   info.update(out=os.path.abspath(out), mode=spec.mode, group_size=spec.group_size,
               disk_bytes=dir_bytes(os.path.join(out, "params")))
@@ -50,4 +53,4 @@ def quantize_run(run_dir: str, out: str, spec: QuantSpec, *, step: int | None = 
 __all__ = ["QuantSpec", "abstract_qparams", "check_spec", "dequantize_params", "quantize_params",
            "quantized_kernel_bytes", "quantized_lm", "rules", "tree_bytes", "evaluate_quantized",
            "quantized_eval", "quantized_generate", "quantized_logits", "quantized_sample",
-           "dir_bytes", "is_quantized_dir", "load_quantized", "save_quantized", "quantize_run"]
+           "dir_bytes", "is_quantized_dir", "load_moe_state", "load_quantized", "save_quantized", "quantize_run"]

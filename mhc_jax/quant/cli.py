@@ -119,4 +119,8 @@ def run_budgeted(args) -> int:
   print(f"{report['mode']}: {report['tokens_per_s']:.1f} tokens/s, peak RSS "
         f"{report['peak_rss_bytes'] / mib:.0f}MiB, {report['bytes_read_per_token'] / mib:.1f}MiB "
         f"read per token (weights {report['weight_bytes'] / 2**20:.1f}MiB)", file=sys.stderr)
+  if "expert_bytes_read_per_token" in report:
+    print(f"routed experts: {report['expert_bytes_read_per_token'] / mib:.2f}MiB read per token, "
+          f"{report['expert_hits']} cache hits, {report['expert_misses']} misses "
+          f"(cache: {report['expert_cache']} experts)", file=sys.stderr)
   return 0

@@ -1,7 +1,8 @@
 """Quantised checkpoint on disk: `Q/config.json` (the run config, as beside every run),
 `Q/quant.json` (mode, group size, source run and step, byte counts) and `Q/params/` (an Orbax
 `StandardCheckpointer` tree: float32 leaves as in training, each quantised kernel as
-`{"qvalue": int8|int4, "scale": float32}`).
+`{"qvalue": int8|int4, "scale": float32}`) and, for an MoE model, `Q/moe_state/` (the float32
+balance biases the router selects with).
 
 The directory is written under a temporary sibling name and renamed into place, so a failure leaves
 nothing at `--out`.
@@ -19,11 +20,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mhc_jax.config import ConfigError, RunConfig
+import qwix
+
 from mhc_jax.quant.core import QuantSpec, WithAux, abstract_qparams, check_spec
 from mhc_jax.train import run_dir as rd
 
 QUANT_JSON = "quant.json"
 PARAMS = "params"
+MOE_STATE = "moe_state"
 FORMAT = "mhc_jax.quant/1"
 
 
@@ -31,28 +35,42 @@ def is_quantized_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, QUANT_JSON))
 
 
+def _is_q(x):
+  return isinstance(x, (WithAux, qwix.QArray))
+
+
 def _to_plain(qparams):
+  """Quantised kernels (qwix `WithAux` from the PTQ rules, or a raw kernel's `QArray`) as
+  `{"qvalue", "scale"[, "zero_point"]}` dicts; float leaves as they are."""
   def conv(x):
-    if isinstance(x, WithAux):
-      d = {"qvalue": x.array.qvalue, "scale": x.array.scale}
-      if x.array.zero_point is not None:
-        d["zero_point"] = x.array.zero_point
+    if _is_q(x):
+      arr = x.array if isinstance(x, WithAux) else x
+      d = {"qvalue": arr.qvalue, "scale": arr.scale}
+      if arr.zero_point is not None:
+        d["zero_point"] = arr.zero_point
       return d
     return x
-  return jax.tree.map(conv, qparams, is_leaf=lambda x: isinstance(x, WithAux))
+  return jax.tree.map(conv, qparams, is_leaf=_is_q)
 
 
 def _from_plain(plain, abstract):
-  flat_abs = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: isinstance(x, WithAux))
+  """Inverse of `_to_plain` given the abstract tree (`WithAux` / `QArray` / array leaves); paths
+  absent from `plain` are left out."""
+  flat_abs = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: _is_q(x))
   out = {}
   for path, a in flat_abs.items():
     node = plain
     for k in path:
-      node = node[k]
-    if isinstance(a, WithAux):
-      arr = a.array.replace(qvalue=node["qvalue"], scale=node["scale"],
-                            zero_point=node.get("zero_point"))
-      out[path] = a.replace(array=arr)
+      node = node.get(k) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if node is None:
+      continue
+    if _is_q(a):
+      arr = a.array if isinstance(a, WithAux) else a
+      arr = arr.replace(qvalue=node["qvalue"], scale=node["scale"],
+                        zero_point=node.get("zero_point"))
+      out[path] = a.replace(array=arr) if isinstance(a, WithAux) else arr
     else:
       out[path] = node
   return flax.traverse_util.unflatten_dict(out)
@@ -72,8 +90,10 @@ def check_out(out: str):
     raise ConfigError(f"--out {out!r} is not allowed: its parent directory {parent!r} is not writable")
 
 
-def save_quantized(out: str, cfg: RunConfig, spec: QuantSpec, qparams, info: dict | None = None):
-  """Write the quantised checkpoint to `out` (atomically: temp sibling + rename)."""
+def save_quantized(out: str, cfg: RunConfig, spec: QuantSpec, qparams, info: dict | None = None,
+                   moe_state=None):
+  """Write the quantised checkpoint to `out` (atomically: temp sibling + rename); `moe_state`: the
+  MoE balance biases (an MoE model)."""
   check_out(out)
   out = os.path.abspath(out)
   tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
@@ -81,6 +101,8 @@ def save_quantized(out: str, cfg: RunConfig, spec: QuantSpec, qparams, info: dic
     rd.write_config(tmp, cfg)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS), _to_plain(qparams))
+    if moe_state:
+      ckptr.save(os.path.join(tmp, MOE_STATE), moe_state)
     ckptr.wait_until_finished()
     ckptr.close()
     meta = {"format": FORMAT, "spec": spec.to_dict(), **(info or {})}
@@ -122,6 +144,18 @@ def load_quantized(path: str):
   finally:
     ckptr.close()
   return cfg, spec, _from_plain(plain, abstract), meta
+
+
+def load_moe_state(path: str) -> dict:
+  """The MoE balance biases saved beside a quantised checkpoint's params (`{}`: a dense model)."""
+  d = os.path.abspath(os.path.join(path, MOE_STATE))
+  if not os.path.isdir(d):
+    return {}
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    return ckptr.restore(d)
+  finally:
+    ckptr.close()
 
 
 def dir_bytes(path: str) -> int:

@@ -3,9 +3,19 @@
 Layout, written once beside the checkpoint (`R/stream/<step>/` of a run dir, `Q/stream/` of a
 quantised dir): `config.json`, `stream.json` (format, spec, step, and for each group its leaves:
 path, shape, dtype, byte offset) and one raw file per group -- `resident.bin` (embedding, collapse
-head, final norm, lm_head) and `layer_<l>.bin` (block l: float32 leaves, or a quantised kernel's
-`qvalue` / `scale` as stored). A layer is read leaf by leaf into new arrays that go to the device,
-so only the layers in use are resident.
+head, final norm, lm_head) and `layer_<l>.bin` (block l's `params` -- float32 leaves, or a quantised
+kernel's `qvalue` / `scale`, int4 values packed two per byte -- and, in an MoE block, its
+`moe_state` balance bias). A
+layer is read leaf by leaf into new arrays that go to the device, so only the layers in use are
+resident.
+
+MoE blocks: the routed experts (`moe/gate`, `moe/up`, `moe/down`: the bulk of the weights) are not
+in `layer_<l>.bin` but in `experts_<l>.bin`, one contiguous record per expert (its slice of each of
+the three kernels). They are read only when a token routes to them: the block's MoE layer computes
+the routing, hands the distinct experts (`ops.moe.compact_experts`) to `ExpertStore.fetch` (a host
+callback inside the jitted block), which serves them from a cache of the most recently used experts
+(LRU, `Plan.expert_cache` records) or reads their records from disk -- as the CPU runners of
+DeepSeek-V3/R1 do.
 
 `StreamedLM` keeps the resident part, the KV cache and the first `cached` layers in memory and
 reads the others when needed, one background thread reading the next layer while the current one
@@ -15,11 +25,14 @@ and rng sequence of `mhc_jax.sample.decode`, so greedy tokens equal the in-memor
 layers run through the qwix PTQ wrapper of `Block` with the rules of `mhc_jax.quant.core.rules`.
 
 Budget (`plan`): resident weights + KV cache + activations (`activation_bytes`, an estimate) +
-`slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget. Not
-counted: the Python / JAX runtime and compiled code (the resident set before weights load).
+`slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget; for an MoE
+model also the experts one block call fetches (`min(E, tokens·k)` records, twice: the host copy and
+the device copy) and the expert cache (what is left, in records). Not counted: the Python / JAX
+runtime and compiled code (the resident set before weights load).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -34,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
 from mhc_jax import ops
 from mhc_jax.config import ConfigError, ModelConfig, compute_dtype
@@ -47,10 +61,11 @@ from mhc_jax.sample import check_generation, sample_logits
 from mhc_jax.train import run_dir as rd
 from mhc_jax.train.step import eval_summary
 
-FORMAT = "mhc_jax.stream/1"
+FORMAT = "mhc_jax.stream/2"
 STREAM = "stream"
 META = "stream.json"
 RESIDENT = "resident"
+EXPERT_KERNELS = ("gate", "up", "down")     # moe/<name>: [E, ...], streamed expert by expert
 ALIGN = 64
 ACT_SLACK = 1 << 20         # fixed part of the activation allowance, bytes
 
@@ -65,15 +80,86 @@ def _flatten(plain) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in flat.items()}
 
 
-def split_layers(cfg: ModelConfig, plain) -> tuple[dict, list[dict]]:
-  """(resident tree, [layer l tree]) of a plain params tree (float leaves or {qvalue, scale})."""
-  plain = dict(plain)
-  if cfg.scan_layers:
-    stacked = plain.pop("blocks")
-    layers = [jax.tree.map(lambda a, l=l: np.asarray(a[l]), stacked) for l in range(cfg.n_layers)]
+def _unstack(cfg: ModelConfig, tree) -> tuple[dict, list]:
+  """(the rest of `tree`, [block l's subtree]): scanned stacks (`dense_blocks` then `blocks` in an
+  MoE model, else `blocks`) cut per layer, or `block_<l>` entries."""
+  tree = dict(tree)
+  if not cfg.scan_layers:
+    return tree, [tree.pop(f"block_{l}", {}) for l in range(cfg.n_layers)]
+  layers = []
+  names = ("dense_blocks", "blocks") if cfg.moe is not None else ("blocks",)
+  counts = (cfg.n_dense_layers, cfg.n_moe_layers) if cfg.moe is not None else (cfg.n_layers,)
+  for name, n in zip(names, counts):
+    stacked = tree.pop(name, {})
+    layers += [jax.tree.map(lambda a, l=l: np.asarray(a[l]), stacked) for l in range(n)]
+  return tree, layers
+
+
+def _restack(cfg: ModelConfig, rest: dict, layers: list) -> dict:
+  """Inverse of `_unstack`."""
+  out = dict(rest)
+  if not cfg.scan_layers:
+    out.update({f"block_{l}": t for l, t in enumerate(layers) if t})
+    return out
+  if cfg.moe is None:
+    spans = {"blocks": layers}
   else:
-    layers = [plain.pop(f"block_{l}") for l in range(cfg.n_layers)]
-  return plain, layers
+    spans = {"dense_blocks": layers[:cfg.n_dense_layers], "blocks": layers[cfg.n_dense_layers:]}
+  for name, part in spans.items():
+    if part and part[0]:
+      out[name] = jax.tree.map(lambda *a: np.stack(a), *part)
+  return out
+
+
+def split_layers(cfg: ModelConfig, plain, moe_state=None) -> tuple[dict, list[dict], list[dict]]:
+  """(resident params, [layer l: {"params", "moe_state"?}], [layer l's routed experts {gate, up,
+  down} or {}]) of a plain params tree (float leaves or {qvalue, scale}) and its MoE state."""
+  resident, layers = _unstack(cfg, plain)
+  _, states = _unstack(cfg, moe_state or {})
+  groups, experts = [], []
+  for l, p in enumerate(layers):
+    p, ex = dict(p), {}
+    if cfg.is_moe_layer(l):
+      moe = dict(p["moe"])
+      ex = {k: moe.pop(k) for k in EXPERT_KERNELS}
+      p["moe"] = moe
+    groups.append({"params": p, **({"moe_state": states[l]} if l < len(states) and states[l]
+                                   else {})})
+    experts.append(ex)
+  return resident, groups, experts
+
+
+INT4 = np.dtype(jnp.int4)
+
+
+def _encode(a: np.ndarray) -> bytes:
+  """A leaf's bytes on disk: as in memory, except int4, packed two values per byte (low nibble
+  first; numpy holds one int4 per byte)."""
+  if a.dtype != INT4:
+    return np.ascontiguousarray(a).tobytes()
+  v = a.astype(np.int8).reshape(-1)
+  if v.size % 2:
+    v = np.concatenate([v, np.zeros(1, np.int8)])
+  u = v.view(np.uint8) & 0xF
+  return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _stored_nbytes(a: np.ndarray) -> int:
+  return (a.size + 1) // 2 if a.dtype == INT4 else a.nbytes
+
+
+def _decode(raw: np.ndarray, dtype, shape) -> np.ndarray:
+  """`raw` uint8 `[..., nbytes]` (one leaf, or a leading axis of several) -> `[..., *shape]`."""
+  dtype = np.dtype(jnp.dtype(dtype))
+  lead = raw.shape[:-1]
+  if dtype != INT4:
+    return np.ascontiguousarray(raw).view(dtype).reshape(*lead, *shape)
+  n = int(np.prod(shape, dtype=np.int64))
+  v = np.empty((*lead, 2 * raw.shape[-1]), np.int8)
+  v[..., 0::2] = raw & 0xF
+  v[..., 1::2] = raw >> 4
+  v = (v ^ 8) - 8                                   # 4-bit two's complement: 8..15 -> -8..-1
+  return v[..., :n].astype(INT4).reshape(*lead, *shape)
 
 
 def _write_group(path: str, tree) -> dict:
@@ -84,24 +170,50 @@ def _write_group(path: str, tree) -> dict:
       pad = -off % ALIGN
       f.write(b"\0" * pad)
       off += pad
+      nb = _stored_nbytes(a)
       leaves.append({"path": name, "shape": list(a.shape), "dtype": str(a.dtype), "offset": off,
-                     "nbytes": a.nbytes})
-      f.write(a.tobytes())
-      off += a.nbytes
+                     "nbytes": nb})
+      f.write(_encode(a))
+      off += nb
   return {"bytes": off, "leaves": leaves}
 
 
-def write_layout(out: str, cfg, plain_params, spec: QuantSpec | None, info: dict) -> str:
-  """Write the per-layer layout of `plain_params` (float, or quantised as `io._to_plain`) to `out`
-  (atomically: temp sibling + rename)."""
+def _write_experts(path: str, tree) -> dict:
+  """One record per expert e: `leaf[e]` of each leaf in turn (ALIGN-padded), records ALIGN-padded."""
+  flat = {k: np.ascontiguousarray(v) for k, v in _flatten(tree).items()}
+  n = len(next(iter(flat.values())))
+  leaves, off = [], 0
+  for name, a in flat.items():
+    off += -off % ALIGN
+    nb = _stored_nbytes(a[0])
+    leaves.append({"path": name, "shape": list(a.shape[1:]), "dtype": str(a.dtype), "offset": off,
+                   "nbytes": nb})
+    off += nb
+  record = off + (-off % ALIGN)
+  with open(path, "wb") as f:
+    for e in range(n):
+      buf = bytearray(record)
+      for x, a in zip(leaves, flat.values()):
+        buf[x["offset"]:x["offset"] + x["nbytes"]] = _encode(a[e])
+      f.write(buf)
+  return {"bytes": n * record, "experts": n, "record": record, "leaves": leaves}
+
+
+def write_layout(out: str, cfg, plain_params, spec: QuantSpec | None, info: dict,
+                 moe_state=None) -> str:
+  """Write the per-layer layout of `plain_params` (float, or quantised as `io._to_plain`) and the
+  MoE `moe_state` to `out` (atomically: temp sibling + rename)."""
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".stream.tmp-", dir=os.path.dirname(os.path.abspath(out)))
   try:
     rd.write_config(tmp, cfg)
-    resident, layers = split_layers(cfg.model, nn.meta.unbox(plain_params))
+    resident, layers, experts = split_layers(cfg.model, nn.meta.unbox(plain_params),
+                                             nn.meta.unbox(moe_state))
     groups = {RESIDENT: _write_group(os.path.join(tmp, RESIDENT + ".bin"), resident)}
     for l, tree in enumerate(layers):
       groups[f"layer_{l}"] = _write_group(os.path.join(tmp, f"layer_{l}.bin"), tree)
+      if experts[l]:
+        groups[f"experts_{l}"] = _write_experts(os.path.join(tmp, f"experts_{l}.bin"), experts[l])
     meta = {"format": FORMAT, "spec": spec.to_dict() if spec else None, "groups": groups, **info}
     with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=1)
@@ -134,14 +246,17 @@ def build_layout(run_dir: str, step: int | None = None) -> str:
   """Read the checkpoint of `run_dir` (whole, once) and write its layout; returns the layout dir."""
   if is_quantized_dir(run_dir):
     from mhc_jax.quant.io import load_quantized
+    from mhc_jax.quant.io import load_moe_state
     cfg, spec, qparams, meta = load_quantized(run_dir)
     plain = jax.device_get(_to_plain(qparams))
-    return write_layout(os.path.join(run_dir, STREAM), cfg, plain, spec, {"step": meta.get("step")})
+    return write_layout(os.path.join(run_dir, STREAM), cfg, plain, spec, {"step": meta.get("step")},
+                        load_moe_state(run_dir))
   from mhc_jax.train.loop import load_checkpoint
   trainer = load_checkpoint(run_dir, step)
   plain = jax.device_get(nn.meta.unbox(trainer.state.params))
   out = os.path.join(run_dir, STREAM, str(trainer.step_count))
-  return write_layout(out, trainer.cfg, plain, None, {"step": int(trainer.step_count)})
+  return write_layout(out, trainer.cfg, plain, None, {"step": int(trainer.step_count)},
+                      jax.device_get(trainer.state.moe_state))
 
 
 def ensure_layout(run_dir: str, step: int | None = None) -> str:
@@ -149,9 +264,6 @@ def ensure_layout(run_dir: str, step: int | None = None) -> str:
   the whole checkpoint once does not count against this process's memory."""
   if not os.path.isdir(run_dir):
     raise ConfigError(f"--run-dir {run_dir!r} is not allowed: no such directory")
-  if getattr(rd.read_config(run_dir).model, "moe", None) is not None:
-    raise ConfigError(f"--max-memory is not allowed for {run_dir!r}: streaming the layers of an "
-                      f"MoE model (model.moe) is not supported; run it without --max-memory")
   if is_quantized_dir(run_dir):
     read_meta(run_dir)
     if step is not None:
@@ -160,11 +272,19 @@ def ensure_layout(run_dir: str, step: int | None = None) -> str:
   elif step is not None and step not in _steps(run_dir):
     raise ConfigError(f"--step={step} is not allowed: choose one of {_steps(run_dir)}")
   path = layout_dir(run_dir, step)
-  if path and os.path.isfile(os.path.join(path, META)):
+  if path and os.path.isfile(os.path.join(path, META)) and _format(path) == FORMAT:
     return path
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
     return ex.submit(build_layout, run_dir, step).result()
+
+
+def _format(path: str):
+  try:
+    with open(os.path.join(path, META), encoding="utf-8") as f:
+      return json.load(f).get("format")
+  except (OSError, ValueError):
+    return None
 
 
 class Layout:
@@ -185,7 +305,17 @@ class Layout:
 
   @property
   def layer_bytes(self) -> list[int]:
+    """Bytes of each layer file (in an MoE block: without its routed experts)."""
     return [self.nbytes(f"layer_{l}") for l in range(self.cfg.model.n_layers)]
+
+  @property
+  def expert_layers(self) -> list[int]:
+    return [l for l in range(self.cfg.model.n_layers) if f"experts_{l}" in self.groups]
+
+  @property
+  def expert_record(self) -> int:
+    """Bytes of one routed expert's record (0: no MoE layer)."""
+    return max((self.groups[f"experts_{l}"]["record"] for l in self.expert_layers), default=0)
 
   @property
   def weight_bytes(self) -> int:
@@ -193,7 +323,27 @@ class Layout:
 
   @property
   def max_leaf(self) -> int:
-    return max(x["nbytes"] for g in self.groups.values() for x in g["leaves"])
+    return max(x["nbytes"] for g in self.groups.values() if "record" not in g
+               for x in g["leaves"])
+
+  def read_experts(self, layer: int, ids) -> tuple[list[np.ndarray], int]:
+    """The records of experts `ids` of `layer` as `[len(ids), ...]` arrays, one per leaf (in the
+    order of `groups["experts_<l>"]["leaves"]`), and the bytes read."""
+    g = self.groups[f"experts_{layer}"]
+    rec = g["record"]
+    buf = np.empty((len(ids), rec), np.uint8)
+    with open(os.path.join(self.path, f"experts_{layer}.bin"), "rb", buffering=0) as f:
+      for i, e in enumerate(ids):
+        f.seek(int(e) * rec)
+        view, got = memoryview(buf[i]), 0
+        while got < rec:
+          n = f.readinto(view[got:])
+          if not n:
+            raise OSError(f"{self.path}/experts_{layer}.bin: short read")
+          got += n
+    out = [_decode(buf[:, x["offset"]:x["offset"] + x["nbytes"]], x["dtype"], x["shape"])
+           for x in g["leaves"]]
+    return out, len(ids) * rec
 
   def load(self, group: str):
     """The plain tree of `group` as device arrays, read leaf by leaf (each into its own new host
@@ -201,7 +351,9 @@ class Layout:
     flat = {}
     with open(os.path.join(self.path, group + ".bin"), "rb", buffering=0) as f:
       for x in self.groups[group]["leaves"]:
-        a = np.empty(x["shape"], jnp.dtype(x["dtype"]))
+        packed = np.dtype(jnp.dtype(x["dtype"])) == INT4
+        a = np.empty(x["nbytes"] if packed else x["shape"], np.uint8 if packed else
+                     jnp.dtype(x["dtype"]))
         view = memoryview(a.reshape(-1).view(np.uint8))
         f.seek(x["offset"])
         got = 0
@@ -210,6 +362,8 @@ class Layout:
           if not n:
             raise OSError(f"{self.path}/{group}.bin: short read")
           got += n
+        if packed:
+          a = _decode(a, x["dtype"], x["shape"])
         flat[tuple(x["path"].split("/"))] = jax.device_put(a)
     return flax.traverse_util.unflatten_dict(flat)
 
@@ -224,8 +378,8 @@ class Layout:
         if not n:
           raise OSError(f"{self.path}/{group}.bin: short read")
         got += n
-    flat = {tuple(x["path"].split("/")): buf[x["offset"]:x["offset"] + x["nbytes"]]
-            .view(jnp.dtype(x["dtype"])).reshape(x["shape"]) for x in g["leaves"]}
+    flat = {tuple(x["path"].split("/")): _decode(buf[x["offset"]:x["offset"] + x["nbytes"]],
+                                                 x["dtype"], x["shape"]) for x in g["leaves"]}
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -262,27 +416,36 @@ class Ends(nn.Module):
 def _qwrap(module, cfg: ModelConfig, spec: QuantSpec | None, methods=("__call__",)):
   if spec is None:
     return module
-  import qwix
   return qwix.quantize_model(module, qwix.PtqProvider(rules(spec, cfg)), methods=methods)
 
 
 @functools.lru_cache(maxsize=32)
-def _modules(cfg: ModelConfig, spec: QuantSpec | None):
+def _modules(cfg: ModelConfig, spec: QuantSpec | None, experts=None):
+  """(`Ends`, {(decode, moe): `Block`}) -- qwix-wrapped for a quantised layout; MoE blocks take
+  their routed experts from `experts` (an `ExpertStore`) when given."""
   dtype = compute_dtype(cfg.dtype)
   ends = _qwrap(Ends(cfg), cfg, spec, ("__call__", "stem", "head"))
-  blk = {d: _qwrap(Block(cfg, dtype, d), cfg, spec) for d in (False, True)}
+  kinds = (False, True) if cfg.moe is not None else (False,)
+  blk = {(d, m): _qwrap(Block(cfg, dtype, d, m, experts if m else None), cfg, spec)
+         for d in (False, True) for m in kinds}
   return ends, blk
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract(cfg: ModelConfig, spec: QuantSpec):
-  """Quantised abstract params (WithAux nodes) of `Ends` and of one `Block`."""
+def _abstract(cfg: ModelConfig, spec: QuantSpec | None):
+  """Abstract params (quantised: WithAux / QArray nodes) of `Ends` and of one `Block`
+  ({moe: tree}; an MoE block's tree includes its routed experts)."""
+  from mhc_jax.quant.core import _with_raw
   ends, blk = _modules(cfg, spec)
   key = jax.random.PRNGKey(0)
   a_ends = jax.eval_shape(ends.init, key, jnp.zeros((1, 1), jnp.int32))["params"]
   x = jnp.zeros((1, 1, cfg.connection.n, cfg.d_model), compute_dtype(cfg.dtype))
-  a_blk = jax.eval_shape(blk[False].init, key, x, 0)["params"]
-  return nn.meta.unbox(a_ends), nn.meta.unbox(a_blk)
+  a_blk = {}
+  for (d, m), module in blk.items():
+    if not d:
+      a = nn.meta.unbox(jax.eval_shape(module.init, key, x, 0)["params"])
+      a_blk[m] = a if spec is None else _with_raw(cfg, a, spec)
+  return nn.meta.unbox(a_ends), a_blk
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
@@ -304,16 +467,82 @@ def _head_loss(p, x, targets, *, cfg, spec):
   return jnp.sum(ce), jnp.asarray(ce.size, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnames=("cache",))
-def _block_decode(p, cache, x, layer, *, cfg, spec):
-  (x, _), mut = _modules(cfg, spec)[1][True].apply({"params": p, "cache": cache}, x, layer,
-                                                   mutable=["cache"])
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "moe", "experts"),
+                   donate_argnames=("cache",))
+def _block_decode(v, cache, x, layer, *, cfg, spec, moe, experts):
+  """One block on the decode path; `v`: the block's variables (params, an MoE block's moe_state)."""
+  module = _modules(cfg, spec, experts)[1][(True, moe)]
+  (x, _), mut = module.apply({**v, "cache": cache}, x, layer, mutable=["cache"])
   return x, mut["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def _block(p, x, layer, *, cfg, spec):
-  return _modules(cfg, spec)[1][False].apply({"params": p}, x, layer)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "moe", "experts"))
+def _block(v, x, layer, *, cfg, spec, moe, experts):
+  return _modules(cfg, spec, experts)[1][(False, moe)].apply(v, x, layer)[0]
+
+
+# ------------------------------------------------------------------ routed experts on demand
+class ExpertStore:
+  """The routed experts of a layout's MoE blocks, read from `experts_<l>.bin` only when routed to,
+  through an LRU cache of `capacity` expert records (0: no cache).
+
+  `fetch(layer, slots)` is traceable (the MoE layer's `ops.moe.moe_ffn(fetch=...)` calls it inside
+  the jitted block): a host callback returns `{gate, up, down}` for the `S` slots (slot value E:
+  unused, zeros). Counts `bytes_read`, `hits` and `misses` (expert records)."""
+
+  def __init__(self, layout: "Layout", capacity: int):
+    self.layout, self.capacity = layout, int(capacity)
+    l0 = layout.expert_layers[0]
+    g = layout.groups[f"experts_{l0}"]
+    self.n, self.leaves = g["experts"], g["leaves"]
+    cfg = layout.cfg.model
+    self._abstract = {k: _abstract(cfg, layout.spec)[1][True]["moe"][k] for k in EXPERT_KERNELS}
+    self.cache = collections.OrderedDict()       # (layer, expert) -> [per-leaf arrays]
+    self.bytes_read = self.hits = self.misses = 0
+
+  def _host_dtype(self, x):
+    dt = jnp.dtype(x["dtype"])
+    return np.dtype(np.int8) if dt == jnp.int4 else dt   # int4 crosses the callback as int8
+
+  def host_fetch(self, layer, slots):
+    layer = int(layer)
+    out = [np.zeros((len(slots), *x["shape"]), self._host_dtype(x)) for x in self.leaves]
+    need = []
+    for i, e in enumerate(np.asarray(slots).tolist()):
+      if e >= self.n:
+        continue
+      rec = self.cache.get((layer, e))
+      if rec is None:
+        need.append((i, e))
+        continue
+      self.cache.move_to_end((layer, e))
+      self.hits += 1
+      for o, a in zip(out, rec):
+        o[i] = a
+    if need:
+      arrays, nbytes = self.layout.read_experts(layer, [e for _, e in need])
+      self.bytes_read += nbytes
+      self.misses += len(need)
+      for j, (i, e) in enumerate(need):
+        rec = [a[j].copy() for a in arrays]
+        for o, a in zip(out, rec):
+          o[i] = a
+        if self.capacity:
+          self.cache[(layer, e)] = rec
+          while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+    return tuple(out)
+
+  def fetch(self, layer, slots_S):
+    S = slots_S.shape[0]
+    shapes = tuple(jax.ShapeDtypeStruct((S, *x["shape"]), self._host_dtype(x)) for x in self.leaves)
+    arrays = jax.pure_callback(self.host_fetch, shapes, layer, slots_S)
+    flat = {tuple(x["path"].split("/")): a.astype(jnp.dtype(x["dtype"]))
+            for x, a in zip(self.leaves, arrays)}
+    return _from_plain(flax.traverse_util.unflatten_dict(flat), self._abstract)
+
+  def clear(self):
+    self.cache.clear()
 
 
 # ------------------------------------------------------------------ budget
@@ -323,19 +552,30 @@ class Plan:
   resident: int           # embedding, norms, head
   kv_cache: int
   activations: int
-  layer: int              # largest layer
+  layer: int              # largest layer (an MoE block: without its routed experts)
   slots: int              # streamed layer buffers (2: current + prefetched next)
   cached: int             # layers 0..cached-1 kept in memory
   n_layers: int
   read_buffer: int = 0    # host copy of one leaf while it is handed to the device (largest leaf)
+  expert_record: int = 0  # bytes of one routed expert (0: no MoE layer)
+  expert_fetch: int = 0   # experts one block call fetches at most: min(E, tokens · k)
+  expert_cache: int = 0   # expert records kept (LRU)
+  n_experts: int = 0      # routed expert records of all MoE layers
 
   @property
   def in_memory(self) -> bool:
-    return self.cached >= self.n_layers
+    """Every layer and every routed expert in memory."""
+    return self.cached >= self.n_layers and self.expert_cache >= self.n_experts
+
+  @property
+  def fetch_bytes(self) -> int:
+    """The experts of one block call, twice: the callback's host arrays and their device copy."""
+    return 2 * self.expert_fetch * self.expert_record
 
   @property
   def minimum(self) -> int:
-    return self.resident + self.kv_cache + self.activations + self.read_buffer + self.layer
+    return (self.resident + self.kv_cache + self.activations + self.read_buffer + self.layer
+            + self.fetch_bytes)
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
@@ -345,22 +585,38 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
   return 4 * max(batch, 1) * seq * per_tok + ACT_SLACK
 
 
-def plan(layout: Layout, budget: int, kv_cache: int = 0, activations: int | None = None) -> Plan:
-  """How many layers stay in memory under `budget`; ConfigError when not even one layer fits."""
+def plan(layout: Layout, budget: int, kv_cache: int = 0, activations: int | None = None,
+         tokens: int | None = None) -> Plan:
+  """How many layers stay in memory under `budget`, and how many routed experts are cached (MoE:
+  what is left once every layer is cached); ConfigError when not even one layer fits. `tokens`:
+  the most tokens one block call routes (default: `max_seq_len`)."""
   cfg = layout.cfg.model
   n = cfg.n_layers
   lb = max(layout.layer_bytes)
   act = activation_bytes(cfg, 1, cfg.max_seq_len) if activations is None else activations
-  fixed = layout.nbytes(RESIDENT) + kv_cache + act + layout.max_leaf
-  p = Plan(budget, layout.nbytes(RESIDENT), kv_cache, act, lb, 0, 0, n, layout.max_leaf)
-  if fixed + sum(layout.layer_bytes) <= budget:
-    return dataclasses.replace(p, cached=n)
+  rec = layout.expert_record
+  n_experts = sum(layout.groups[f"experts_{l}"]["experts"] for l in layout.expert_layers)
+  fetch = 0
+  if rec:
+    fetch = min(cfg.moe.n_routed, (cfg.max_seq_len if tokens is None else tokens) * cfg.moe.top_k)
+  p = Plan(budget, layout.nbytes(RESIDENT), kv_cache, act, lb, 0, 0, n, layout.max_leaf, rec, fetch,
+           0, n_experts)
+  fixed = p.minimum - lb
+  if fixed - p.fetch_bytes + sum(layout.layer_bytes) + n_experts * rec <= budget:
+    return dataclasses.replace(p, cached=n, expert_cache=n_experts)
   free = (budget - fixed) // lb
   if free < 1:
     raise ConfigError(f"--max-memory={fmt_bytes(budget)} is not allowed: below the minimum "
                       f"{fmt_bytes(p.minimum)} = resident weights {fmt_bytes(p.resident)} + KV "
                       f"cache {fmt_bytes(kv_cache)} + activations {fmt_bytes(act)} + read buffer "
-                      f"{fmt_bytes(layout.max_leaf)} + one layer {fmt_bytes(lb)}")
+                      f"{fmt_bytes(layout.max_leaf)} + one layer {fmt_bytes(lb)}"
+                      + (f" + routed experts of one call {fmt_bytes(p.fetch_bytes)}" if rec else ""))
+  if not rec:
+    slots = min(2, free)
+    return dataclasses.replace(p, slots=slots, cached=min(free - slots, n - 1))
+  if fixed + sum(layout.layer_bytes) <= budget:       # every layer's dense part stays; experts LRU
+    left = budget - fixed - sum(layout.layer_bytes)
+    return dataclasses.replace(p, cached=n, expert_cache=min(left // rec, n_experts))
   slots = min(2, free)
   return dataclasses.replace(p, slots=slots, cached=min(free - slots, n - 1))
 
@@ -380,40 +636,52 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int) -> int:
 
 # ------------------------------------------------------------------ streamed model
 class StreamedLM:
-  """The model of a layout run layer by layer under `budget` bytes (see `plan`)."""
+  """The model of a layout run layer by layer under `budget` bytes (see `plan`); an MoE model's
+  routed experts come from an `ExpertStore` (read when routed to, LRU-cached)."""
 
   def __init__(self, layout: Layout, budget: int, batch: int = 1, eval_batch: tuple | None = None):
     """`batch` sequences decoded with a KV cache, or `eval_batch=(B, T)` for eval (no cache)."""
     self.layout, self.cfg, self.spec = layout, layout.cfg.model, layout.spec
     self.plan = budget_plan(layout, budget, batch, eval_batch)
-    self.bytes_read = 0
+    self.layer_bytes_read = 0
+    self.experts = ExpertStore(layout, self.plan.expert_cache) if layout.expert_layers else None
     self.resident = self._to_params(layout.load(RESIDENT), ends=True)
-    self.cached = [self._load(l) for l in range(self.plan.cached)]
+    self.cached = [self._load(l) for l in range(min(self.plan.cached, self.cfg.n_layers))]
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.plan.slots > 1 else None
     self._pending = None    # the next pass's first streamed layer, being read
 
-  def _to_params(self, plain, ends=False):
-    if self.spec is None:
-      return plain
-    return _from_plain(plain, _abstract(self.cfg, self.spec)[0 if ends else 1])
+  @property
+  def bytes_read(self) -> int:
+    """Bytes read from the layout so far: layer files plus routed-expert records."""
+    return self.layer_bytes_read + (self.experts.bytes_read if self.experts else 0)
+
+  def _to_params(self, plain, ends=False, layer=0):
+    """Device variables of a group: the resident params, or a layer's `{"params", "moe_state"?}`."""
+    a_ends, a_blk = _abstract(self.cfg, self.spec)
+    if ends:
+      return plain if self.spec is None else _from_plain(plain, a_ends)
+    if self.spec is not None:
+      plain = {**plain, "params": _from_plain(plain["params"],
+                                              a_blk[self.cfg.is_moe_layer(layer)])}
+    return plain
 
   def _load(self, l: int):
-    self.bytes_read += self.layout.nbytes(f"layer_{l}")
-    return self._to_params(self.layout.load(f"layer_{l}"))
+    self.layer_bytes_read += self.layout.nbytes(f"layer_{l}")
+    return self._to_params(self.layout.load(f"layer_{l}"), layer=l)
 
   def _submit(self, l: int):
     """Read layer `l` in the background (counted in `bytes_read` now)."""
-    self.bytes_read += self.layout.nbytes(f"layer_{l}")
-    return self._pool.submit(lambda: self._to_params(self.layout.load(f"layer_{l}")))
+    self.layer_bytes_read += self.layout.nbytes(f"layer_{l}")
+    return self._pool.submit(lambda: self._to_params(self.layout.load(f"layer_{l}"), layer=l))
 
   def _layers(self):
-    """(l, params) for l = 0..L-1: cached ones from memory, the others read from disk; with
+    """(l, variables) for l = 0..L-1: cached ones from memory, the others read from disk; with
     prefetch the next streamed layer (after the last one: the first streamed layer of the next pass)
     is read in the background while the current one computes. The caller finishes each layer's
     compute before asking for the next, so at most two streamed layers are alive."""
-    n, k = self.cfg.n_layers, self.plan.cached
+    n, k = self.cfg.n_layers, min(self.plan.cached, self.cfg.n_layers)
     fut, self._pending = self._pending, None
-    if self._pool and fut is None:
+    if self._pool and fut is None and k < n:
       fut = self._submit(k)
     for l in range(n):
       if l < k:
@@ -429,8 +697,12 @@ class StreamedLM:
       yield l, p
       del p
 
-  def _kw(self):
-    return {"cfg": self.cfg, "spec": self.spec}
+  def _kw(self, l=None):
+    kw = {"cfg": self.cfg, "spec": self.spec}
+    if l is not None:
+      moe = self.cfg.is_moe_layer(l)
+      kw.update(moe=moe, experts=self.experts if moe else None)
+    return kw
 
   def generate(self, prompt_ids, *, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40,
                seed: int = 0) -> np.ndarray:
@@ -443,10 +715,10 @@ class StreamedLM:
     tok, out = jnp.asarray(prompt), []
     for _ in range(int(max_new_tokens)):
       x = _stem(self.resident, tok, **self._kw())
-      for l, p in self._layers():
-        x, caches[l] = _block_decode(p, caches[l], x, jnp.int32(l), **self._kw())
+      for l, v in self._layers():
+        x, caches[l] = _block_decode(v, caches[l], x, jnp.int32(l), **self._kw(l))
         x.block_until_ready()   # this layer done before the one after the next is read
-        del p
+        del v
       nxt, rng = _head_sample(self.resident, x, rng, **self._kw(), **samp)
       out.append(nxt)
       tok = nxt[:, None]
@@ -454,10 +726,10 @@ class StreamedLM:
 
   def eval_batch(self, inputs, targets):
     x = _stem(self.resident, jnp.asarray(inputs), **self._kw())
-    for l, p in self._layers():
-      x = _block(p, x, jnp.int32(l), **self._kw())
+    for l, v in self._layers():
+      x = _block(v, x, jnp.int32(l), **self._kw(l))
       x.block_until_ready()
-      del p
+      del v
     return _head_loss(self.resident, x, jnp.asarray(targets), **self._kw())
 
   def evaluate(self, batches, n_bytes=None) -> dict:
@@ -468,25 +740,46 @@ class StreamedLM:
       n += float(c)
     return eval_summary(tot, n, n_bytes)
 
+  def report(self) -> dict:
+    """Bytes read and, for an MoE model, the expert cache's hits and misses (records)."""
+    out = {"bytes_read": self.bytes_read, "layer_bytes_read": self.layer_bytes_read}
+    if self.experts:
+      out.update(expert_bytes_read=self.experts.bytes_read, expert_hits=self.experts.hits,
+                 expert_misses=self.experts.misses, expert_cache=self.plan.expert_cache,
+                 expert_record=self.plan.expert_record)
+    return out
+
   def close(self):
     if self._pool:
       self._pending = None
       self._pool.shutdown()
+    if self.experts:
+      self.experts.clear()
 
 
 def load_params(layout: Layout):
-  """The whole parameter tree of a layout, as `LM` (or the qwix PTQ LM) takes it (in memory)."""
+  """`(params, moe_state)` of a whole layout, as `LM` (or the qwix PTQ LM) takes them (in memory;
+  `moe_state` is `{}` for a dense model)."""
   cfg = layout.cfg.model
   plain = layout.read(RESIDENT)
-  layers = [layout.read(f"layer_{l}") for l in range(cfg.n_layers)]
-  if cfg.scan_layers:
-    plain["blocks"] = jax.tree.map(lambda *a: np.stack(a), *layers)
-  else:
-    plain.update({f"block_{l}": t for l, t in enumerate(layers)})
+  groups = [layout.read(f"layer_{l}") for l in range(cfg.n_layers)]
+  layers, states = [], []
+  for l, g in enumerate(groups):
+    p = dict(g["params"])
+    if f"experts_{l}" in layout.groups:
+      x = layout.groups[f"experts_{l}"]
+      arrays, _ = layout.read_experts(l, range(x["experts"]))
+      ex = flax.traverse_util.unflatten_dict(
+          {tuple(leaf["path"].split("/")): a for leaf, a in zip(x["leaves"], arrays)})
+      p["moe"] = {**p["moe"], **ex}
+    layers.append(p)
+    states.append(g.get("moe_state", {}))
+  params = _restack(cfg, plain, layers)
+  moe_state = _restack(cfg, {}, states) if cfg.moe is not None else {}
   if layout.spec is None:
-    return plain
+    return params, moe_state
   from mhc_jax.quant.core import abstract_qparams
-  return _from_plain(plain, abstract_qparams(cfg, layout.spec))
+  return _from_plain(params, abstract_qparams(cfg, layout.spec)), moe_state
 
 
 def _status_bytes(key: str) -> int:
@@ -528,9 +821,10 @@ def budget_plan(layout: Layout, budget: int, batch: int = 1,
   """`plan` for decoding `batch` sequences (KV cache of `max_seq_len`), or for eval on `[B, T]`."""
   cfg = layout.cfg.model
   if eval_batch:
-    return plan(layout, budget, 0, activation_bytes(cfg, *eval_batch))
-  return plan(layout, budget, kv_cache_bytes(cfg, batch), activation_bytes(cfg, batch,
-                                                                            cfg.max_seq_len))
+    return plan(layout, budget, 0, activation_bytes(cfg, *eval_batch),
+                tokens=eval_batch[0] * eval_batch[1])
+  return plan(layout, budget, kv_cache_bytes(cfg, batch),
+              activation_bytes(cfg, batch, cfg.max_seq_len), tokens=batch * cfg.max_seq_len)
 
 
 def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: int = 1,
@@ -545,12 +839,15 @@ def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: 
          f"weights) fits; running in memory")
     return layout, None
   m = StreamedLM(layout, budget, batch, eval_batch)
+  what = f"{p.n_layers - p.cached} of {p.n_layers} layers ({fmt_bytes(p.layer)} each)"
+  if p.expert_record:
+    what += (f" and the routed experts ({fmt_bytes(p.expert_record)} each, {p.expert_cache} "
+             f"cached)")
   _say(f"--max-memory={fmt_bytes(budget)}: weights {fmt_bytes(layout.weight_bytes)}; streaming "
-       f"{p.n_layers - p.cached} of {p.n_layers} layers ({fmt_bytes(p.layer)} each) from "
-       f"{layout.path}")
+       f"{what} from {layout.path}")
   return layout, m
 
 
-__all__ = ["Layout", "StreamedLM", "Plan", "plan", "ensure_layout", "build_layout",
+__all__ = ["Layout", "StreamedLM", "ExpertStore", "Plan", "plan", "ensure_layout", "build_layout",
            "write_layout", "load_params", "open_budgeted", "peak_rss", "current_rss",
            "reset_peak_rss", "kv_cache_bytes", "activation_bytes", "budget_plan", "Ends"]

@@ -2,6 +2,13 @@
 
     JAX_PLATFORMS=cpu python -m mhc_jax.tools.bench_stream [--d-model 512] [--layers 8]
         [--tokens 32] [--budget-frac 0.5] [--out experiments/results/stream_cpu.json]
+    JAX_PLATFORMS=cpu python -m mhc_jax.tools.bench_stream --moe 64,6,128 --mode int8 \
+        --out experiments/results/stream_moe_cpu.json      # routed experts read on demand
+
+`--moe E,k,F`: a DeepSeekMoE model (E routed experts of width F, top-k, one shared expert, the first
+layer dense); its routed experts are streamed expert by expert through the LRU cache the budget
+leaves room for, and the report adds the expert bytes read per token and the cache's hits/misses.
+`--mode int8|int4`: the weights are quantised (`mhc_jax.quant`) before the layout is written.
 
 A float32 model initialised with `LM(cfg).init` (weights dominate: vocab 256) is written once as a
 `mhc_jax.quant.stream` layout; then each mode runs in its own child process (`--child`): in memory
@@ -54,8 +61,9 @@ def child(layout_path: str, budget: int | None, tokens: int, prompt_len: int,
 
   def build():
     if budget is None:
-      params = stream.load_params(layout)
-      return None, lambda: quantized_generate(cfg, layout.spec, params, prompt, **kw)
+      params, moe_state = stream.load_params(layout)
+      return None, lambda: quantized_generate(cfg, layout.spec, params, prompt, moe_state=moe_state,
+                                              **kw)
     m = stream.StreamedLM(layout, budget, batch=1)
     return m, lambda: m.generate(prompt, **kw)
 
@@ -86,6 +94,13 @@ def child(layout_path: str, budget: int | None, tokens: int, prompt_len: int,
          "bytes_read_per_token": ((m.bytes_read - read0) / reps / tokens) if m else 0,
          "tokens_out": np.asarray(out).tolist()}
   res["model_rss_bytes"] = res["peak_rss_bytes"] - rss0
+  if m and m.experts:
+    r = m.report()
+    res["experts"] = {"record_bytes": m.plan.expert_record, "cache_records": m.plan.expert_cache,
+                      "total_records": m.plan.n_experts, "hits": r["expert_hits"],
+                      "misses": r["expert_misses"],
+                      "hit_rate": r["expert_hits"] / max(1, r["expert_hits"] + r["expert_misses"]),
+                      "bytes_read_total": r["expert_bytes_read"]}
   if m:
     res["plan"] = {"cached_layers": m.plan.cached,
                    "streamed_layers": m.plan.n_layers - m.plan.cached,
@@ -109,20 +124,32 @@ def run_child(layout_path: str, budget: int | None, tokens: int, prompt_len: int
   return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def write_model(path: str, d_model: int, layers: int, heads: int, seq: int, seed: int = 0) -> str:
-  """Initialise a float32 model and write its layout to `path`."""
+def write_model(path: str, d_model: int, layers: int, heads: int, seq: int, seed: int = 0,
+                moe: tuple | None = None, mode: str = "float32") -> str:
+  """Initialise a model (float32; `moe=(E, k, F)`: DeepSeekMoE FFNs after one dense layer),
+  quantise it when `mode` is int8/int4, and write its layout to `path`."""
   import jax
   import jax.numpy as jnp
   import flax.linen as nn
   from mhc_jax.config import apply_overrides
   from mhc_jax.configs import tiny
   from mhc_jax.model import LM
-  from mhc_jax.quant import stream
-  rc = apply_overrides(tiny(), [f"model.d_model={d_model}", f"model.n_layers={layers}",
-                                f"model.n_heads={heads}", f"model.max_seq_len={seq}",
-                                "model.init_std=0.1"])
-  params = LM(rc.model).init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
-  return stream.write_layout(path, rc, jax.device_get(nn.meta.unbox(params)), None, {"step": 0})
+  from mhc_jax.quant import QuantSpec, quantize_params, stream
+  from mhc_jax.quant.io import _to_plain
+  over = [f"model.d_model={d_model}", f"model.n_layers={layers}", f"model.n_heads={heads}",
+          f"model.max_seq_len={seq}", "model.init_std=0.1"]
+  if moe:
+    E, k, F = moe
+    over += [f"model.moe.n_routed={E}", f"model.moe.top_k={k}", f"model.moe.d_expert={F}",
+             "model.moe.n_shared=1", "model.n_dense_layers=1"]
+  rc = apply_overrides(tiny(), over)
+  v = LM(rc.model).init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))
+  params = jax.device_get(nn.meta.unbox(v["params"]))
+  state = jax.device_get(nn.meta.unbox(v.get("moe_state", {})))
+  spec = None if mode == "float32" else QuantSpec(mode, 64)
+  if spec is not None:
+    params = jax.device_get(_to_plain(quantize_params(rc.model, params, spec)))
+  return stream.write_layout(path, rc, params, spec, {"step": 0}, state)
 
 
 def main(argv=None) -> int:
@@ -138,6 +165,8 @@ def main(argv=None) -> int:
                   help="child runs per mode, alternated; the fastest of each is reported")
   ap.add_argument("--budget-frac", type=float, default=0.5,
                   help="budget as a fraction of the weights")
+  ap.add_argument("--moe", default=None, help="E,k,F: a DeepSeekMoE model (routed experts streamed)")
+  ap.add_argument("--mode", default="float32", choices=("float32", "int8", "int4"))
   ap.add_argument("--out", default=DEFAULT_OUT, help="result JSON ('-': none)")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -147,8 +176,9 @@ def main(argv=None) -> int:
     return 0
   from mhc_jax.tools.results import metadata, save_json
   with tempfile.TemporaryDirectory() as tmp:
+    moe = tuple(int(v) for v in a.moe.split(",")) if a.moe else None
     path = write_model(os.path.join(tmp, "layout"), a.d_model, a.layers, a.heads,
-                       a.prompt_len + a.tokens)
+                       a.prompt_len + a.tokens, moe=moe, mode=a.mode)
     from mhc_jax.quant import stream
     weights = stream.Layout(path).weight_bytes
     budget = int(weights * a.budget_frac)
@@ -163,7 +193,8 @@ def main(argv=None) -> int:
       **metadata(),
       "shapes": {"d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "vocab_size": 256,
                  "n_streams": 4, "batch": 1, "prompt_len": a.prompt_len, "new_tokens": a.tokens,
-                 "dtype": "float32"},
+                 "dtype": "float32", "weights": a.mode,
+                 "moe": None if not a.moe else dict(zip(("n_routed", "top_k", "d_expert"), moe))},
       "weight_bytes": weights, "budget_bytes": budget, "budget_frac": a.budget_frac,
       "in_memory": mem, "streamed": st, "rounds": a.rounds, "load_avg_after": os.getloadavg(),
       "tokens_per_s_all_rounds": {k: [x["tokens_per_s"] for x in v] for k, v in runs.items()},
@@ -176,6 +207,12 @@ def main(argv=None) -> int:
           f"{r['model_rss_bytes'] / 2**20:6.1f}MiB (peak {r['peak_rss_bytes'] / 2**20:.0f}MiB, "
           f"runtime {r['rss0_bytes'] / 2**20:.0f}MiB), read {r['bytes_read_per_token'] / 2**20:.1f}"
           f"MiB/token")
+  if "experts" in st:
+    x = st["experts"]
+    print(f"routed experts: {x['record_bytes'] / 2**10:.0f}KiB each, cache {x['cache_records']} of "
+          f"{x['total_records']}, hit rate {x['hit_rate']:.2f}, "
+          f"{x['bytes_read_total'] / (a.reps * a.tokens) / 2**20:.2f}MiB read per token "
+          f"(all experts: {x['total_records'] * x['record_bytes'] / 2**20:.1f}MiB)")
   print(f"weights {weights / 2**20:.1f}MiB, budget {budget / 2**20:.1f}MiB, speed ratio "
         f"{record['speed_ratio']:.2f}, same tokens {record['same_tokens']}")
   if a.out != "-":

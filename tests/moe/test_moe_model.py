@@ -170,11 +170,18 @@ def test_bad_moe_config_is_one_clear_error(overrides, field):
     apply_overrides(get_preset("tiny"), overrides)
 
 
-def test_quantize_refuses_moe_and_mla_models():
-  """The qwix rules cover nn.Einsum / nn.Dense projections only: an MoE or MLA model is one clear
-  error naming the field, not a silently half-quantised model."""
+def test_quantize_checks_moe_and_mla_widths():
+  """MoE and MLA models quantise (experts, shared experts, MLA projections); an int4 group size
+  that does not divide one of their contraction widths is one clear error naming the field."""
   from mhc_jax.quant.core import QuantSpec, check_spec
-  with pytest.raises(ConfigError, match=r"model\.moe=.*not supported"):
-    check_spec(QuantSpec(mode="int8"), _cfg())
-  with pytest.raises(ConfigError, match=r"model\.mla=.*not supported"):
-    check_spec(QuantSpec(mode="int8"), dataclasses.replace(_cfg(), moe=None, n_dense_layers=0))
+  check_spec(QuantSpec(mode="int8"), _cfg())
+  check_spec(QuantSpec(mode="int4", group_size=16), _cfg())
+  with pytest.raises(ConfigError, match=r"--group-size=32 .*model\.ff_dim=48"):
+    check_spec(QuantSpec(mode="int4", group_size=32), _cfg())
+  odd = dataclasses.replace(_cfg(), moe=dataclasses.replace(MOE, d_expert=24, n_shared=0))
+  with pytest.raises(ConfigError, match=r"--group-size=16 .*model\.moe\.d_expert=24"):
+    check_spec(QuantSpec(mode="int4", group_size=16), odd)
+  with pytest.raises(ConfigError, match=r"--group-size=8 .*model\.mla\.kv_rank=12"):
+    check_spec(QuantSpec(mode="int4", group_size=8),
+               dataclasses.replace(_cfg(), mla=dataclasses.replace(MLA, kv_rank=12)))
+
