@@ -15,7 +15,8 @@ the three kernels). They are read only when a token routes to them: the block's 
 the routing, hands the distinct experts (`ops.moe.compact_experts`) to `ExpertStore.fetch` (a host
 callback inside the jitted block), which serves them from a cache of the most recently used experts
 (LRU, `Plan.expert_cache` records) or reads their records from disk -- as the CPU runners of
-DeepSeek-V3/R1 do.
+DeepSeek-V3/R1 do. The prompt is prefilled `MOE_PREFILL_CHUNK` tokens per pass, so that one call
+needs at most `MOE_PREFILL_CHUNK · k` experts (each token's math is the same as in one pass).
 
 `StreamedLM` keeps the resident part, the KV cache and the first `cached` layers in memory and
 reads the others when needed, one background thread reading the next layer while the current one
@@ -26,8 +27,9 @@ layers run through the qwix PTQ wrapper of `Block` with the rules of `mhc_jax.qu
 
 Budget (`plan`): resident weights + KV cache + activations (`activation_bytes`, an estimate) +
 `slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget; for an MoE
-model also the experts one block call fetches (`min(E, tokens·k)` records, twice: the host copy and
-the device copy) and the expert cache (what is left, in records). Not counted: the Python / JAX
+model also the experts one block call fetches (`min(E, tokens·k)` records: the host copy, the
+device copy and the float32 weights gathered from them) and the expert cache (what is left, in
+records). Not counted: the Python / JAX
 runtime and compiled code (the resident set before weights load).
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ STREAM = "stream"
 META = "stream.json"
 RESIDENT = "resident"
 EXPERT_KERNELS = ("gate", "up", "down")     # moe/<name>: [E, ...], streamed expert by expert
+MOE_PREFILL_CHUNK = 4   # prompt tokens per pass when an MoE model streams: at most 4·k experts a call
 ALIGN = 64
 ACT_SLACK = 1 << 20         # fixed part of the activation allowance, bytes
 
@@ -488,10 +491,16 @@ class ExpertStore:
 
   `fetch(layer, slots)` is traceable (the MoE layer's `ops.moe.moe_ffn(fetch=...)` calls it inside
   the jitted block): a host callback returns `{gate, up, down}` for the `S` slots (slot value E:
-  unused, zeros). Counts `bytes_read`, `hits` and `misses` (expert records)."""
+  unused, zeros). Counts `bytes_read`, `hits` and `misses` (expert records).
+
+  Stores of one layout compare equal (they are a static argument of the jitted blocks, so a new
+  store reuses the compiled code); the callback serves the store opened last for that layout
+  (`_OPEN`), so open one store per layout at a time."""
 
   def __init__(self, layout: "Layout", capacity: int):
     self.layout, self.capacity = layout, int(capacity)
+    self.key = os.path.realpath(layout.path)
+    _OPEN[self.key] = self
     l0 = layout.expert_layers[0]
     g = layout.groups[f"experts_{l0}"]
     self.n, self.leaves = g["experts"], g["leaves"]
@@ -533,16 +542,34 @@ class ExpertStore:
             self.cache.popitem(last=False)
     return tuple(out)
 
+  def __eq__(self, other):
+    return isinstance(other, ExpertStore) and other.key == self.key
+
+  def __hash__(self):
+    return hash(("ExpertStore", self.key))
+
   def fetch(self, layer, slots_S):
     S = slots_S.shape[0]
     shapes = tuple(jax.ShapeDtypeStruct((S, *x["shape"]), self._host_dtype(x)) for x in self.leaves)
-    arrays = jax.pure_callback(self.host_fetch, shapes, layer, slots_S)
+    arrays = jax.pure_callback(functools.partial(_host_fetch, self.key), shapes, layer, slots_S)
     flat = {tuple(x["path"].split("/")): a.astype(jnp.dtype(x["dtype"]))
             for x, a in zip(self.leaves, arrays)}
     return _from_plain(flax.traverse_util.unflatten_dict(flat), self._abstract)
 
   def clear(self):
     self.cache.clear()
+    if _OPEN.get(self.key) is self:
+      del _OPEN[self.key]
+
+
+_OPEN: dict[str, ExpertStore] = {}     # layout path -> the store its compiled blocks call
+
+
+def _host_fetch(key, layer, slots):
+  store = _OPEN.get(key)
+  if store is None:
+    raise RuntimeError(f"no open ExpertStore for {key} (the StreamedLM was closed)")
+  return store.host_fetch(layer, slots)
 
 
 # ------------------------------------------------------------------ budget
@@ -559,6 +586,7 @@ class Plan:
   read_buffer: int = 0    # host copy of one leaf while it is handed to the device (largest leaf)
   expert_record: int = 0  # bytes of one routed expert (0: no MoE layer)
   expert_fetch: int = 0   # experts one block call fetches at most: min(E, tokens · k)
+  expert_f32: int = 0     # bytes of one expert dequantised to float32 (what its matmuls read)
   expert_cache: int = 0   # expert records kept (LRU)
   n_experts: int = 0      # routed expert records of all MoE layers
 
@@ -569,8 +597,9 @@ class Plan:
 
   @property
   def fetch_bytes(self) -> int:
-    """The experts of one block call, twice: the callback's host arrays and their device copy."""
-    return 2 * self.expert_fetch * self.expert_record
+    """The experts of one block call: the callback's host arrays, their device copy and the float32
+    weights the routed FFN gathers from them."""
+    return self.expert_fetch * (2 * self.expert_record + self.expert_f32)
 
   @property
   def minimum(self) -> int:
@@ -596,13 +625,17 @@ def plan(layout: Layout, budget: int, kv_cache: int = 0, activations: int | None
   act = activation_bytes(cfg, 1, cfg.max_seq_len) if activations is None else activations
   rec = layout.expert_record
   n_experts = sum(layout.groups[f"experts_{l}"]["experts"] for l in layout.expert_layers)
-  fetch = 0
+  fetch = f32 = 0
   if rec:
     fetch = min(cfg.moe.n_routed, (cfg.max_seq_len if tokens is None else tokens) * cfg.moe.top_k)
+    g = layout.groups[f"experts_{layout.expert_layers[0]}"]
+    f32 = 4 * sum(int(np.prod(x["shape"])) for x in g["leaves"]
+                  if not x["path"].endswith(("scale", "zero_point")))
   p = Plan(budget, layout.nbytes(RESIDENT), kv_cache, act, lb, 0, 0, n, layout.max_leaf, rec, fetch,
-           0, n_experts)
+           f32, 0, n_experts)
   fixed = p.minimum - lb
-  if fixed - p.fetch_bytes + sum(layout.layer_bytes) + n_experts * rec <= budget:
+  # all in memory: no fetched copies, but the routed FFN still gathers float32 weights
+  if fixed - 2 * fetch * rec + sum(layout.layer_bytes) + n_experts * rec <= budget:
     return dataclasses.replace(p, cached=n, expert_cache=n_experts)
   free = (budget - fixed) // lb
   if free < 1:
@@ -713,12 +746,15 @@ class StreamedLM:
     rng = jax.random.PRNGKey(seed)
     samp = {"temperature": float(temperature), "top_k": int(top_k)}
     tok, out = jnp.asarray(prompt), []
+    # an MoE model prefills MOE_PREFILL_CHUNK tokens per pass (each pass routes to fewer experts)
+    chunk = MOE_PREFILL_CHUNK if self.experts else tok.shape[1]
     for _ in range(int(max_new_tokens)):
-      x = _stem(self.resident, tok, **self._kw())
-      for l, v in self._layers():
-        x, caches[l] = _block_decode(v, caches[l], x, jnp.int32(l), **self._kw(l))
-        x.block_until_ready()   # this layer done before the one after the next is read
-        del v
+      for i in range(0, tok.shape[1], chunk):
+        x = _stem(self.resident, tok[:, i:i + chunk], **self._kw())
+        for l, v in self._layers():
+          x, caches[l] = _block_decode(v, caches[l], x, jnp.int32(l), **self._kw(l))
+          x.block_until_ready()   # this layer done before the one after the next is read
+          del v
       nxt, rng = _head_sample(self.resident, x, rng, **self._kw(), **samp)
       out.append(nxt)
       tok = nxt[:, None]
@@ -823,8 +859,9 @@ def budget_plan(layout: Layout, budget: int, batch: int = 1,
   if eval_batch:
     return plan(layout, budget, 0, activation_bytes(cfg, *eval_batch),
                 tokens=eval_batch[0] * eval_batch[1])
+  chunk = MOE_PREFILL_CHUNK if cfg.moe is not None else cfg.max_seq_len
   return plan(layout, budget, kv_cache_bytes(cfg, batch),
-              activation_bytes(cfg, batch, cfg.max_seq_len), tokens=batch * cfg.max_seq_len)
+              activation_bytes(cfg, batch, cfg.max_seq_len), tokens=batch * chunk)
 
 
 def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: int = 1,

@@ -32,16 +32,16 @@ TOK = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 256)
 PROMPT = np.array([[3, 1, 4, 1, 5]], np.int32)
 
 
-def _cfg(scan=True, mla=True, n_layers=3):
+def _cfg(scan=True, mla=True, n_layers=3, moe=MOE):
   return ModelConfig(vocab_size=256, d_model=32, n_layers=n_layers, n_heads=2, max_seq_len=16,
-                     dtype="float32", moe=MOE, mla=MLA if mla else None, n_dense_layers=1,
+                     dtype="float32", moe=moe, mla=MLA if mla else None, n_dense_layers=1,
                      scan_layers=scan,
                      connection=ConnectionConfig(kind="mhc", n_streams=2, sinkhorn_iters=3))
 
 
-def _model(scan=True, mla=True, n_layers=3):
+def _model(scan=True, mla=True, n_layers=3, moe=MOE):
   """Params scaled like trained weights (larger than init), and balance biases that differ."""
-  cfg = _cfg(scan, mla, n_layers)
+  cfg = _cfg(scan, mla, n_layers, moe)
   v = LM(cfg).init(jax.random.PRNGKey(1), TOK)
   params = jax.tree_util.tree_map_with_path(
       lambda p, a: a * 8.0 if a.ndim >= 2 and "conn" not in jax.tree_util.keystr(p) else a,
@@ -199,7 +199,8 @@ def test_compact_experts_and_fetch_equal_all_experts():
 
 # ---------------------------------------------------------------- streaming
 def _layout(tmp_path, scan, mode):
-  cfg, params, state = _model(scan=scan, n_layers=4)     # 3 MoE layers: 24 experts
+  # 3 MoE layers of 16 experts: more than the 2 · min(E, MOE_PREFILL_CHUNK · k) = 16 one call needs
+  cfg, params, state = _model(scan=scan, n_layers=4, moe=dataclasses.replace(MOE, n_routed=16))
   rc = dataclasses.replace(tiny(), model=cfg)
   spec = None if mode == "float32" else QuantSpec(mode, 16)
   tree = params if spec is None else quantize_params(cfg, params, spec)
@@ -223,7 +224,7 @@ def test_streamed_moe_reads_only_routed_experts(scan, mode, tmp_path):
   batches = [{"inputs": rng.integers(0, 256, (2, 16)), "targets": rng.integers(0, 256, (2, 16))}]
   ref_loss = evaluate_quantized(cfg, spec, tree, batches, moe_state=state)["loss"]
   full = stream.budget_plan(layout, 10**12)
-  assert full.in_memory and full.expert_cache == full.n_experts == 24
+  assert full.in_memory and full.expert_cache == full.n_experts == 48
   rec, k, n_moe, P, N = layout.expert_record, MOE.top_k, 3, PROMPT.shape[1], kw["max_new_tokens"]
   # no expert cache, every layer streamed: each call reads just the experts it routes to
   m = stream.StreamedLM(layout, full.minimum)
@@ -231,8 +232,12 @@ def test_streamed_moe_reads_only_routed_experts(scan, mode, tmp_path):
   np.testing.assert_array_equal(m.generate(PROMPT, **kw), ref)
   r = m.report()
   assert r["expert_hits"] == 0 and r["expert_bytes_read"] == r["expert_misses"] * rec
-  # prefill: at most min(E, P·k) distinct experts per MoE layer; each decode step exactly k
-  assert n_moe * (k + (N - 1) * k) <= r["expert_misses"] <= n_moe * (min(8, P * k) + (N - 1) * k)
+  # prefill in chunks of MOE_PREFILL_CHUNK tokens, each routing to at least k and at most
+  # min(E, c·k) distinct experts per MoE layer; then each decode step to exactly k
+  chunks = [min(stream.MOE_PREFILL_CHUNK, P - i) for i in range(0, P, stream.MOE_PREFILL_CHUNK)]
+  lo = n_moe * (len(chunks) * k + (N - 1) * k)
+  hi = n_moe * (sum(min(16, c * k) for c in chunks) + (N - 1) * k)
+  assert len(chunks) == 2 and lo <= r["expert_misses"] <= hi, (lo, r, hi)
   m.close()
   # every dense part cached, room for 5 experts: LRU hits, fewer reads, same tokens and loss
   budget = full.minimum + sum(layout.layer_bytes) - full.layer + 5 * rec
@@ -299,3 +304,29 @@ def test_cli_quantize_moe_run_then_eval_and_streamed_sample(moe_run, tmp_path, c
   res = json.loads(o.strip().splitlines()[-1])
   assert res["mode"] == "streamed"
   np.testing.assert_allclose(res["loss"], ref["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_moe_streamed_peak_rss_under_budget(tmp_path):
+  """An MoE model whose routed experts dwarf the runtime's noise (float32, 3 MoE layers of 64
+  experts: ~75 MiB), decoded at half its weights: the same tokens as in memory, the model's peak
+  resident memory under budget + allowance (in memory: above the weights), and per token only the
+  routed experts read."""
+  from mhc_jax.tools.bench_stream import run_child, write_model
+  path = write_model(str(tmp_path / "layout"), 256, 4, 4, 24, moe=(64, 4, 128))
+  layout = stream.Layout(path)
+  weights = layout.weight_bytes
+  budget = weights // 2
+  allowance = 16 << 20    # as for dense streaming: allocator slack, Python objects, XLA temporaries
+  st = run_child(path, budget, 8, 8)
+  mem = run_child(path, None, 8, 8)
+  assert st["tokens_out"] == mem["tokens_out"]
+  assert st["model_rss_bytes"] < budget + allowance, st
+  assert mem["model_rss_bytes"] > weights, mem
+  x = st["experts"]
+  all_experts = x["total_records"] * x["record_bytes"]
+  assert x["misses"] > 0 and 0 < x["cache_records"] < x["total_records"]
+  assert x["bytes_read_per_token"] < all_experts / 8, x   # k=4 of 64 per layer, plus the prompt
+  print(f"weights {weights >> 20} MiB, budget {budget >> 20} MiB: streamed "
+        f"{st['model_rss_bytes'] >> 20} MiB, in memory {mem['model_rss_bytes'] >> 20} MiB; experts "
+        f"read {x['bytes_read_per_token'] / 2**20:.2f} MiB/token of {all_experts / 2**20:.1f} MiB")
