@@ -18,6 +18,7 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret")
 DTYPES = ("auto", "float32", "bfloat16")
 REMAT = ("none", "full", "dots", "mhc_paper")
 COLLAPSE = ("sum", "head")
+KV_CACHE = ("float", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,8 @@ class ModelConfig:
   mla: None = multi-head attention with RoPE; an `MLAConfig` = Multi-head Latent Attention.
   moe: None = every FFN a dense SwiGLU of width `ff_dim`; a `MoEConfig` = DeepSeekMoE FFNs in every
     layer after the first `n_dense_layers` (which stay dense, of width `ff_dim`).
+  kv_cache: the decode cache of multi-head attention: "float" (the compute dtype) or "int8" (one
+    float32 scale per cached key/value vector: `mhc_jax.ops.kv_cache`); training is unaffected.
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -123,6 +126,7 @@ class ModelConfig:
   mla: MLAConfig | None = None
   moe: MoEConfig | None = None
   n_dense_layers: int = 0       # with moe: leading layers that keep a dense FFN
+  kv_cache: str = "float"       # decode KV cache: "float" | "int8"
 
   def __post_init__(self):
     check_int("model.vocab_size", self.vocab_size, 2)
@@ -145,6 +149,9 @@ class ModelConfig:
     if self.remat_group > self.n_layers:
       fail("model.remat_group", self.remat_group, f"0 (auto) or at most model.n_layers={self.n_layers}")
     check_choice("model.collapse", self.collapse, COLLAPSE)
+    check_choice("model.kv_cache", self.kv_cache, KV_CACHE)
+    if self.kv_cache == "int8" and self.mla is not None:
+      fail("model.kv_cache", self.kv_cache, "'float' with model.mla (the MLA latent cache is float)")
     if not isinstance(self.connection, ConnectionConfig):
       fail("model.connection", self.connection, "a ConnectionConfig")
     if self.collapse == "head" and self.connection.kind == "residual":

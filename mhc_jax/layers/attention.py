@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mhc_jax.ops.kv_cache import dequantize_kv, write_int8
 from mhc_jax.ops.rope import rope  # noqa: F401  (re-exported: `from mhc_jax.layers.attention import rope`)
 
 
@@ -17,6 +18,7 @@ class Attention(nn.Module):
   out_std: float = 0.02
   dtype: jnp.dtype = jnp.float32
   decode: bool = False
+  kv_cache: str = "float"     # "int8": cached keys/values as int8 + one scale per vector
 
   @nn.compact
   def __call__(self, x_BTC):
@@ -49,17 +51,29 @@ class Attention(nn.Module):
   def _decode(self, q, k, v):
     """Write k, v at the cache index and attend over positions <= the query's."""
     b, t, h, d = q.shape
+    int8 = self.kv_cache == "int8"
+    shape = (b, self.max_len, h, d)
     initialized = self.has_variable("cache", "cached_key")
-    ck = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, h, d), k.dtype)
-    cv = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, h, d), v.dtype)
+    ck = self.variable("cache", "cached_key", jnp.zeros, shape, jnp.int8 if int8 else k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, shape, jnp.int8 if int8 else v.dtype)
+    if int8:
+      sk = self.variable("cache", "cached_key_scale", jnp.zeros, shape[:3] + (1,), jnp.float32)
+      sv = self.variable("cache", "cached_value_scale", jnp.zeros, shape[:3] + (1,), jnp.float32)
     idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     start = idx.value
     pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
     if not initialized:   # init call: shapes only
       return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, start, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
+    if int8:
+      ck.value, sk.value = write_int8(ck.value, sk.value, k, start)
+      cv.value, sv.value = write_int8(cv.value, sv.value, v, start)
+      keys, values = dequantize_kv(ck.value, sk.value, q.dtype), dequantize_kv(cv.value, sv.value,
+                                                                                 q.dtype)
+    else:
+      ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, start, 0, 0))
+      cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
+      keys, values = ck.value, cv.value
     idx.value = start + t
     mask = jnp.arange(self.max_len)[None, :] <= (start + jnp.arange(t))[:, None]   # [T, S]
-    return jax.nn.dot_product_attention(q, ck.value, cv.value, mask=mask[None, None])
+    return jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])

@@ -39,7 +39,7 @@ class Block(nn.Module):
                  self.dtype, self.decode, norm_eps=cfg.norm_eps, name="attn")
     else:
       attn = Attention(cfg.n_heads, cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.init_std,
-                       out_std, self.dtype, self.decode, name="attn")
+                       out_std, self.dtype, self.decode, cfg.kv_cache, name="attn")
     stats = {}
     if self.moe:
       moe = MoE(cfg.moe, cfg.init_std, out_std, self.dtype, with_stats=True, experts=self.experts,

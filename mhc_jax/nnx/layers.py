@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.layers.attention import rope
+from mhc_jax.ops.kv_cache import dequantize_kv, write_int8
 from mhc_jax.nnx.norm import param
 
 
@@ -26,12 +27,13 @@ def _constrain(a, axes):
 class Attention(nnx.Module):
   """`__call__(x [B, T, C]) -> [B, T, C]`. Params `query/key/value.kernel [C, H, D]`,
   `out.kernel [H, D, C]`. With a cache (`init_cache`) each call appends its tokens at
-  `cache_index` and attends over all cached positions <= its own (`decode=True`)."""
+  `cache_index` and attends over all cached positions <= its own (`decode=True`); `kv_cache="int8"`
+  keeps the cache as int8 with one scale per vector (`mhc_jax.ops.kv_cache`)."""
 
   def __init__(self, d_model, n_heads, head_dim, max_len, *, rope_theta=10000.0, init_std=0.02,
-               out_std=0.02, dtype=jnp.float32, rngs: nnx.Rngs):
+               out_std=0.02, dtype=jnp.float32, kv_cache="float", rngs: nnx.Rngs):
     self.n_heads, self.head_dim, self.max_len = n_heads, head_dim, max_len
-    self.rope_theta, self.dtype = rope_theta, dtype
+    self.rope_theta, self.dtype, self.kv_cache = rope_theta, dtype, kv_cache
     shape, axes = (d_model, n_heads, head_dim), ("embed", "heads", "kv")
     self.query = Kernel(_normal(rngs, shape, init_std), axes)
     self.key = Kernel(_normal(rngs, shape, init_std), axes)
@@ -41,6 +43,10 @@ class Attention(nnx.Module):
   def init_cache(self, batch_size: int, dtype=None):
     """Zero KV cache `[B, max_len, H, D]` and index 0 (names as the Linen `cache` collection)."""
     shape, dtype = (batch_size, self.max_len, self.n_heads, self.head_dim), dtype or self.dtype
+    if self.kv_cache == "int8":
+      dtype = jnp.int8
+      self.cached_key_scale = nnx.Cache(jnp.zeros(shape[:3] + (1,), jnp.float32))
+      self.cached_value_scale = nnx.Cache(jnp.zeros(shape[:3] + (1,), jnp.float32))
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -66,11 +72,18 @@ class Attention(nnx.Module):
     start = self.cache_index[...]
     pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
-    ck = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(self.cached_key.dtype),
-                                      (0, start, 0, 0))
-    cv = jax.lax.dynamic_update_slice(self.cached_value[...], v.astype(self.cached_value.dtype),
-                                      (0, start, 0, 0))
-    self.cached_key[...], self.cached_value[...] = ck, cv
+    if self.kv_cache == "int8":
+      qk, sk = write_int8(self.cached_key[...], self.cached_key_scale[...], k, start)
+      qv, sv = write_int8(self.cached_value[...], self.cached_value_scale[...], v, start)
+      self.cached_key[...], self.cached_key_scale[...] = qk, sk
+      self.cached_value[...], self.cached_value_scale[...] = qv, sv
+      ck, cv = dequantize_kv(qk, sk, q.dtype), dequantize_kv(qv, sv, q.dtype)
+    else:
+      ck = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(self.cached_key.dtype),
+                                        (0, start, 0, 0))
+      cv = jax.lax.dynamic_update_slice(self.cached_value[...], v.astype(self.cached_value.dtype),
+                                        (0, start, 0, 0))
+      self.cached_key[...], self.cached_value[...] = ck, cv
     self.cache_index[...] = start + t
     mask = jnp.arange(self.max_len)[None, :] <= (start + jnp.arange(t))[:, None]   # [T, S]
     return jax.nn.dot_product_attention(q, ck, cv, mask=mask[None, None])

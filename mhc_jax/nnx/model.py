@@ -44,7 +44,8 @@ class Block(nnx.Module):
                       rngs=rngs)
     else:
       self.attn = Attention(c, cfg.n_heads, cfg.head_dim, cfg.max_seq_len, rope_theta=cfg.rope_theta,
-                            init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
+                            init_std=cfg.init_std, out_std=out_std, dtype=dtype,
+                            kv_cache=cfg.kv_cache, rngs=rngs)
     self.mlp_conn = conn(2 * layer + 1)
     self.is_moe = moe
     if moe:

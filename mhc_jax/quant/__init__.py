@@ -10,6 +10,7 @@ quantised dirs) the layers that do not fit stream from disk: `mhc_jax.quant.stre
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -26,18 +27,23 @@ from mhc_jax.train import run_dir as rd
 from mhc_jax.train.loop import load_checkpoint
 
 
-def quantize_run(run_dir: str, out: str, spec: QuantSpec, *, step: int | None = None) -> dict:
+def quantize_run(run_dir: str, out: str, spec: QuantSpec, *, step: int | None = None,
+                 kv_cache: str | None = None) -> dict:
   """Quantise the checkpoint of `run_dir` (newest, or `step`) and write it to `out`; returns the
-  byte counts (weights in memory: float32 vs quantised; checkpoint directories on disk)."""
+  byte counts (weights in memory: float32 vs quantised; checkpoint directories on disk).
+  `kv_cache`: "int8" makes the quantised model decode with an int8 KV cache (`model.kv_cache`)."""
   check_out(out)
   check_spec(spec, rd.read_config(run_dir).model)
   trainer = load_checkpoint(run_dir, step)
   cfg, step = trainer.cfg, trainer.step_count
+  if kv_cache is not None:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kv_cache=kv_cache))
   params = jax.device_get(trainer.state.params)
   moe_state = nn.meta.unbox(jax.device_get(trainer.state.moe_state))
   qparams = quantize_params(cfg.model, params, spec)
   qk, fk = quantized_kernel_bytes(qparams)
   info = {"source_run_dir": os.path.abspath(run_dir), "step": int(step),
+          "kv_cache": cfg.model.kv_cache,
           "float32_weight_bytes": tree_bytes(params), "quantized_weight_bytes": tree_bytes(qparams),
           "quantized_kernels_bytes": qk, "quantized_kernels_float32_bytes": fk}
   save_quantized(out, cfg, spec, qparams, info, moe_state=moe_state)

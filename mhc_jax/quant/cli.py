@@ -1,4 +1,5 @@
-"""`mhc-jax quantize --run-dir R --mode int8|int4 [--group-size 128] [--head] --out Q [--step N]`
+"""`mhc-jax quantize --run-dir R --mode int8|int4 [--group-size 128] [--head] [--kv-cache int8]
+--out Q [--step N]`
 
 Writes a weight-only quantised Orbax checkpoint of run `R` to `Q` (see `mhc_jax.quant.io`) and prints
 one JSON line: the weight bytes in memory and on disk, float32 vs quantised. `mhc-jax sample` and
@@ -49,6 +50,9 @@ def add_parser(subparsers):
   q.add_argument("--group-size", type=int, default=128,
                  help="int4: rows per scale along the contraction (must divide the widths)")
   q.add_argument("--head", action="store_true", help="also quantise an untied lm_head")
+  q.add_argument("--kv-cache", default="float",
+                 help="decode KV cache of the quantised model: float (default) or int8 (one scale "
+                 "per cached key/value vector; multi-head attention only)")
   q.add_argument("--out", required=True, help="new directory for the quantised checkpoint")
   return q
 
@@ -60,6 +64,8 @@ def is_quantized_dir(path) -> bool:
 def _validate(args):
   from mhc_jax.quant.core import QuantSpec
   spec = QuantSpec(mode=args.mode, group_size=args.group_size, head=bool(args.head))
+  if args.kv_cache not in ("float", "int8"):
+    raise ConfigError(f"--kv-cache={args.kv_cache!r} is not allowed: choose one of 'float', 'int8'")
   if not os.path.isdir(args.run_dir):
     raise ConfigError(f"--run-dir {args.run_dir!r} is not allowed: no such directory")
   from mhc_jax.quant.io import check_out
@@ -72,9 +78,13 @@ def run(args) -> int:
   spec = _validate(args)       # cheap checks before loading anything
   from mhc_jax.train import run_dir as rd
   from mhc_jax.quant.core import check_spec
-  check_spec(spec, rd.read_config(args.run_dir).model)
+  model = rd.read_config(args.run_dir).model
+  check_spec(spec, model)
+  if args.kv_cache == "int8" and model.mla is not None:
+    raise ConfigError("--kv-cache='int8' is not allowed: the model uses MLA (model.mla), whose "
+                      "latent cache stays float")
   from mhc_jax.quant import quantize_run
-  info = quantize_run(args.run_dir, args.out, spec, step=args.step)
+  info = quantize_run(args.run_dir, args.out, spec, step=args.step, kv_cache=args.kv_cache)
   print(json.dumps(info))
   return 0
 

@@ -237,6 +237,19 @@ def test_cli_quantize_then_eval_and_sample(run_dir, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and field in lines[0], e
 
 
+def test_cli_quantize_int8_kv_cache(run_dir, tmp_path, capsys):
+  """`--kv-cache int8` goes into the quantised checkpoint's config; sampling decodes with it."""
+  from mhc_jax.train import run_dir as rd
+  out = str(tmp_path / "q8kv")
+  code, o, e = _cli(["quantize", "--run-dir", run_dir, "--mode", "int8", "--kv-cache", "int8",
+                     "--out", out], capsys)
+  assert code == 0, e
+  assert rd.read_config(out).model.kv_cache == "int8" and rd.read_config(run_dir).model.kv_cache == "float"
+  code, o, e = _cli(["sample", "--run-dir", out, "--prompt", "def ", "--tokens", "5",
+                     "--temperature", "0"], capsys)
+  assert code == 0 and o.startswith("def "), e
+
+
 @pytest.mark.parametrize("args,field", [
     (["--mode", "int2"], "--mode"),
     (["--mode", "int4", "--group-size", "24"], "--group-size"),
@@ -244,6 +257,7 @@ def test_cli_quantize_then_eval_and_sample(run_dir, tmp_path, capsys):
     (["--mode", "int8", "--run-dir", "/nonexistent/run"], "--run-dir"),
     (["--mode", "int8", "--out", "/nonexistent/dir/q"], "--out"),
     (["--mode", "int8", "--out", "/"], "--out"),
+    (["--mode", "int8", "--kv-cache", "int4"], "--kv-cache"),
 ])
 def test_cli_bad_input_one_line(run_dir, tmp_path, capsys, args, field):
   out = str(tmp_path / "q")
