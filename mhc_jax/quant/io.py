@@ -16,7 +16,6 @@ import tempfile
 
 import flax
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from mhc_jax.config import ConfigError, RunConfig

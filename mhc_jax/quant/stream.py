@@ -1,50 +1,31 @@
 """Models larger than the memory budget: the layers are streamed from disk (`--max-memory SIZE`).
 
-Layout, written once beside the checkpoint (`R/stream/<step>/` of a run dir, `Q/stream/` of a
-quantised dir): `config.json`, `stream.json` (format, spec, step, and for each group its leaves:
-path, shape, dtype, byte offset) and one raw file per group -- `resident.bin` (embedding, collapse
-head, final norm, lm_head) and `layer_<l>.bin` (block l's `params` -- float32 leaves, or a quantised
-kernel's `qvalue` / `scale`, int4 values packed two per byte -- and, in an MoE block, its
-`moe_state` balance bias). A
-layer is read leaf by leaf into new arrays that go to the device, so only the layers in use are
-resident.
+The model's parameters sit in a per-layer layout on disk (`mhc_jax.quant.layout`). `StreamedLM`
+keeps the resident part, the KV cache and the first `cached` layers in memory and reads the others
+when needed, one background thread reading the next layer while the current one computes. Each
+layer runs one jitted `Block.apply` (decode: with its own KV-cache slice; eval: full sequences, no
+cache), shared by all layers; prefill, then one token per step with the sampling rule and rng
+sequence of `mhc_jax.sample.decode`, so greedy tokens equal the in-memory run's. Quantised layers
+run through the qwix PTQ wrapper of `Block` with the rules of `mhc_jax.quant.core.rules`.
 
-MoE blocks: the routed experts (`moe/gate`, `moe/up`, `moe/down`: the bulk of the weights) are not
-in `layer_<l>.bin` but in `experts_<l>.bin`, one contiguous record per expert (its slice of each of
-the three kernels). They are read only when a token routes to them: the block's MoE layer computes
-the routing, hands the distinct experts (`ops.moe.compact_experts`) to `ExpertStore.fetch` (a host
-callback inside the jitted block), which serves them from a cache of the most recently used experts
-(LRU, `Plan.expert_cache` records) or reads their records from disk -- as the CPU runners of
-DeepSeek-V3/R1 do. The prompt is prefilled `MOE_PREFILL_CHUNK` tokens per pass, so that one call
-needs at most `MOE_PREFILL_CHUNK · k` experts (each token's math is the same as in one pass).
-
-`StreamedLM` keeps the resident part, the KV cache and the first `cached` layers in memory and
-reads the others when needed, one background thread reading the next layer while the current one
-computes. Each layer runs one jitted `Block.apply` (decode: with its own KV-cache slice; eval: full
-sequences, no cache), shared by all layers; prefill, then one token per step with the sampling rule
-and rng sequence of `mhc_jax.sample.decode`, so greedy tokens equal the in-memory run's. Quantised
-layers run through the qwix PTQ wrapper of `Block` with the rules of `mhc_jax.quant.core.rules`.
+MoE blocks read their routed experts only when a token routes to them, through an LRU cache
+(`mhc_jax.quant.experts.ExpertStore`). The prompt is prefilled `MOE_PREFILL_CHUNK` tokens per pass,
+so that one call needs at most `MOE_PREFILL_CHUNK · k` experts (each token's math is the same as in
+one pass).
 
 Budget (`plan`): resident weights + KV cache + activations (`activation_bytes`, an estimate) +
 `slots` streamed layer buffers (2 with prefetch, 1 without) + `cached` layers <= budget; for an MoE
 model also the experts one block call fetches (`min(E, tokens·k)` records: the host copy, the
-device copy and the float32 weights gathered from them) and the expert cache (what is left, in
-records). Not counted: the Python / JAX
-runtime and compiled code (the resident set before weights load).
+device copy and the float32 weights gathered from them) and the expert cache (what is left once
+every layer is cached, in records). Not counted: the Python / JAX runtime and compiled code (the
+resident set before weights load).
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import functools
-import json
-import multiprocessing
-import os
-import shutil
-import tempfile
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,332 +39,21 @@ from mhc_jax.layers.connection import CollapseHead
 from mhc_jax.layers.norm import RMSNorm
 from mhc_jax.model import init_cache
 from mhc_jax.quant.core import QuantSpec, rules, tree_bytes
-from mhc_jax.quant.io import _from_plain, _to_plain, is_quantized_dir, read_meta
+from mhc_jax.quant.experts import ExpertStore
+from mhc_jax.quant.io import _from_plain
+from mhc_jax.quant.layout import (EXPERT_KERNELS, FORMAT, RESIDENT, Layout, build_layout,
+                                  ensure_layout, layout_dir, load_params, split_layers,
+                                  write_layout)
 from mhc_jax.sample import check_generation, sample_logits
-from mhc_jax.train import run_dir as rd
 from mhc_jax.train.step import eval_summary
 
-FORMAT = "mhc_jax.stream/2"
-STREAM = "stream"
-META = "stream.json"
-RESIDENT = "resident"
-EXPERT_KERNELS = ("gate", "up", "down")     # moe/<name>: [E, ...], streamed expert by expert
 MOE_PREFILL_CHUNK = 4   # prompt tokens per pass when an MoE model streams: at most 4·k experts a call
-ALIGN = 64
 ACT_SLACK = 1 << 20         # fixed part of the activation allowance, bytes
 
 
 def fmt_bytes(n: float) -> str:
   return f"{n / 2**20:.1f}MiB"
 
-
-# ------------------------------------------------------------------ layout on disk
-def _flatten(plain) -> dict[str, np.ndarray]:
-  flat = flax.traverse_util.flatten_dict(plain, sep="/")
-  return {k: np.asarray(v) for k, v in flat.items()}
-
-
-def _unstack(cfg: ModelConfig, tree) -> tuple[dict, list]:
-  """(the rest of `tree`, [block l's subtree]): scanned stacks (`dense_blocks` then `blocks` in an
-  MoE model, else `blocks`) cut per layer, or `block_<l>` entries."""
-  tree = dict(tree)
-  if not cfg.scan_layers:
-    return tree, [tree.pop(f"block_{l}", {}) for l in range(cfg.n_layers)]
-  layers = []
-  names = ("dense_blocks", "blocks") if cfg.moe is not None else ("blocks",)
-  counts = (cfg.n_dense_layers, cfg.n_moe_layers) if cfg.moe is not None else (cfg.n_layers,)
-  for name, n in zip(names, counts):
-    stacked = tree.pop(name, {})
-    layers += [jax.tree.map(lambda a, l=l: np.asarray(a[l]), stacked) for l in range(n)]
-  return tree, layers
-
-
-def _restack(cfg: ModelConfig, rest: dict, layers: list) -> dict:
-  """Inverse of `_unstack`."""
-  out = dict(rest)
-  if not cfg.scan_layers:
-    out.update({f"block_{l}": t for l, t in enumerate(layers) if t})
-    return out
-  if cfg.moe is None:
-    spans = {"blocks": layers}
-  else:
-    spans = {"dense_blocks": layers[:cfg.n_dense_layers], "blocks": layers[cfg.n_dense_layers:]}
-  for name, part in spans.items():
-    if part and part[0]:
-      out[name] = jax.tree.map(lambda *a: np.stack(a), *part)
-  return out
-
-
-def split_layers(cfg: ModelConfig, plain, moe_state=None) -> tuple[dict, list[dict], list[dict]]:
-  """(resident params, [layer l: {"params", "moe_state"?}], [layer l's routed experts {gate, up,
-  down} or {}]) of a plain params tree (float leaves or {qvalue, scale}) and its MoE state."""
-  resident, layers = _unstack(cfg, plain)
-  _, states = _unstack(cfg, moe_state or {})
-  groups, experts = [], []
-  for l, p in enumerate(layers):
-    p, ex = dict(p), {}
-    if cfg.is_moe_layer(l):
-      moe = dict(p["moe"])
-      ex = {k: moe.pop(k) for k in EXPERT_KERNELS}
-      p["moe"] = moe
-    groups.append({"params": p, **({"moe_state": states[l]} if l < len(states) and states[l]
-                                   else {})})
-    experts.append(ex)
-  return resident, groups, experts
-
-
-INT4 = np.dtype(jnp.int4)
-
-
-def _encode(a: np.ndarray) -> bytes:
-  """A leaf's bytes on disk: as in memory, except int4, packed two values per byte (low nibble
-  first; numpy holds one int4 per byte)."""
-  if a.dtype != INT4:
-    return np.ascontiguousarray(a).tobytes()
-  v = a.astype(np.int8).reshape(-1)
-  if v.size % 2:
-    v = np.concatenate([v, np.zeros(1, np.int8)])
-  u = v.view(np.uint8) & 0xF
-  return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def _stored_nbytes(a: np.ndarray) -> int:
-  return (a.size + 1) // 2 if a.dtype == INT4 else a.nbytes
-
-
-def _decode(raw: np.ndarray, dtype, shape) -> np.ndarray:
-  """`raw` uint8 `[..., nbytes]` (one leaf, or a leading axis of several) -> `[..., *shape]`."""
-  dtype = np.dtype(jnp.dtype(dtype))
-  lead = raw.shape[:-1]
-  if dtype != INT4:
-    return np.ascontiguousarray(raw).view(dtype).reshape(*lead, *shape)
-  n = int(np.prod(shape, dtype=np.int64))
-  v = np.empty((*lead, 2 * raw.shape[-1]), np.int8)
-  v[..., 0::2] = raw & 0xF
-  v[..., 1::2] = raw >> 4
-  v = (v ^ 8) - 8                                   # 4-bit two's complement: 8..15 -> -8..-1
-  return v[..., :n].astype(INT4).reshape(*lead, *shape)
-
-
-def _write_group(path: str, tree) -> dict:
-  leaves, off = [], 0
-  with open(path, "wb") as f:
-    for name, a in _flatten(tree).items():
-      a = np.ascontiguousarray(a)
-      pad = -off % ALIGN
-      f.write(b"\0" * pad)
-      off += pad
-      nb = _stored_nbytes(a)
-      leaves.append({"path": name, "shape": list(a.shape), "dtype": str(a.dtype), "offset": off,
-                     "nbytes": nb})
-      f.write(_encode(a))
-      off += nb
-  return {"bytes": off, "leaves": leaves}
-
-
-def _write_experts(path: str, tree) -> dict:
-  """One record per expert e: `leaf[e]` of each leaf in turn (ALIGN-padded), records ALIGN-padded."""
-  flat = {k: np.ascontiguousarray(v) for k, v in _flatten(tree).items()}
-  n = len(next(iter(flat.values())))
-  leaves, off = [], 0
-  for name, a in flat.items():
-    off += -off % ALIGN
-    nb = _stored_nbytes(a[0])
-    leaves.append({"path": name, "shape": list(a.shape[1:]), "dtype": str(a.dtype), "offset": off,
-                   "nbytes": nb})
-    off += nb
-  record = off + (-off % ALIGN)
-  with open(path, "wb") as f:
-    for e in range(n):
-      buf = bytearray(record)
-      for x, a in zip(leaves, flat.values()):
-        buf[x["offset"]:x["offset"] + x["nbytes"]] = _encode(a[e])
-      f.write(buf)
-  return {"bytes": n * record, "experts": n, "record": record, "leaves": leaves}
-
-
-def write_layout(out: str, cfg, plain_params, spec: QuantSpec | None, info: dict,
-                 moe_state=None) -> str:
-  """Write the per-layer layout of `plain_params` (float, or quantised as `io._to_plain`) and the
-  MoE `moe_state` to `out` (atomically: temp sibling + rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".stream.tmp-", dir=os.path.dirname(os.path.abspath(out)))
-  try:
-    rd.write_config(tmp, cfg)
-    resident, layers, experts = split_layers(cfg.model, nn.meta.unbox(plain_params),
-                                             nn.meta.unbox(moe_state))
-    groups = {RESIDENT: _write_group(os.path.join(tmp, RESIDENT + ".bin"), resident)}
-    for l, tree in enumerate(layers):
-      groups[f"layer_{l}"] = _write_group(os.path.join(tmp, f"layer_{l}.bin"), tree)
-      if experts[l]:
-        groups[f"experts_{l}"] = _write_experts(os.path.join(tmp, f"experts_{l}.bin"), experts[l])
-    meta = {"format": FORMAT, "spec": spec.to_dict() if spec else None, "groups": groups, **info}
-    with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
-      json.dump(meta, f, indent=1)
-    if os.path.isdir(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
-
-
-def _steps(run_dir: str) -> list[int]:
-  d = os.path.join(run_dir, rd.CHECKPOINTS)
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
-
-def layout_dir(run_dir: str, step: int | None = None) -> str | None:
-  """Where the layout of `run_dir` (newest checkpoint, or `step`) lives; None for a run dir without
-  checkpoints."""
-  if is_quantized_dir(run_dir):
-    return os.path.join(run_dir, STREAM)
-  steps = _steps(run_dir)
-  if step is None and not steps:
-    return None
-  return os.path.join(run_dir, STREAM, str(steps[-1] if step is None else step))
-
-
-def build_layout(run_dir: str, step: int | None = None) -> str:
-  """Read the checkpoint of `run_dir` (whole, once) and write its layout; returns the layout dir."""
-  if is_quantized_dir(run_dir):
-    from mhc_jax.quant.io import load_quantized
-    from mhc_jax.quant.io import load_moe_state
-    cfg, spec, qparams, meta = load_quantized(run_dir)
-    plain = jax.device_get(_to_plain(qparams))
-    return write_layout(os.path.join(run_dir, STREAM), cfg, plain, spec, {"step": meta.get("step")},
-                        load_moe_state(run_dir))
-  from mhc_jax.train.loop import load_checkpoint
-  trainer = load_checkpoint(run_dir, step)
-  plain = jax.device_get(nn.meta.unbox(trainer.state.params))
-  out = os.path.join(run_dir, STREAM, str(trainer.step_count))
-  return write_layout(out, trainer.cfg, plain, None, {"step": int(trainer.step_count)},
-                      jax.device_get(trainer.state.moe_state))
-
-
-def ensure_layout(run_dir: str, step: int | None = None) -> str:
-  """The layout dir of `run_dir`, written first when missing -- in a child process, so that reading
-  the whole checkpoint once does not count against this process's memory."""
-  if not os.path.isdir(run_dir):
-    raise ConfigError(f"--run-dir {run_dir!r} is not allowed: no such directory")
-  if is_quantized_dir(run_dir):
-    read_meta(run_dir)
-    if step is not None:
-      raise ConfigError(f"--step={step} is not allowed: {run_dir!r} is a quantised checkpoint with "
-                        f"one step")
-  elif step is not None and step not in _steps(run_dir):
-    raise ConfigError(f"--step={step} is not allowed: choose one of {_steps(run_dir)}")
-  path = layout_dir(run_dir, step)
-  if path and os.path.isfile(os.path.join(path, META)) and _format(path) == FORMAT:
-    return path
-  ctx = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-    return ex.submit(build_layout, run_dir, step).result()
-
-
-def _format(path: str):
-  try:
-    with open(os.path.join(path, META), encoding="utf-8") as f:
-      return json.load(f).get("format")
-  except (OSError, ValueError):
-    return None
-
-
-class Layout:
-  """A layout directory: `cfg`, `spec` (None: float), group sizes, `read(group)` (fresh buffers)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    with open(os.path.join(path, META), encoding="utf-8") as f:
-      self.meta = json.load(f)
-    if self.meta.get("format") != FORMAT:
-      raise ConfigError(f"{path}: not a {FORMAT} layout")
-    self.cfg = rd.read_config(path)
-    self.spec = QuantSpec(**self.meta["spec"]) if self.meta["spec"] else None
-    self.groups = self.meta["groups"]
-
-  def nbytes(self, group: str) -> int:
-    return self.groups[group]["bytes"]
-
-  @property
-  def layer_bytes(self) -> list[int]:
-    """Bytes of each layer file (in an MoE block: without its routed experts)."""
-    return [self.nbytes(f"layer_{l}") for l in range(self.cfg.model.n_layers)]
-
-  @property
-  def expert_layers(self) -> list[int]:
-    return [l for l in range(self.cfg.model.n_layers) if f"experts_{l}" in self.groups]
-
-  @property
-  def expert_record(self) -> int:
-    """Bytes of one routed expert's record (0: no MoE layer)."""
-    return max((self.groups[f"experts_{l}"]["record"] for l in self.expert_layers), default=0)
-
-  @property
-  def weight_bytes(self) -> int:
-    return sum(g["bytes"] for g in self.groups.values())
-
-  @property
-  def max_leaf(self) -> int:
-    return max(x["nbytes"] for g in self.groups.values() if "record" not in g
-               for x in g["leaves"])
-
-  def read_experts(self, layer: int, ids) -> tuple[list[np.ndarray], int]:
-    """The records of experts `ids` of `layer` as `[len(ids), ...]` arrays, one per leaf (in the
-    order of `groups["experts_<l>"]["leaves"]`), and the bytes read."""
-    g = self.groups[f"experts_{layer}"]
-    rec = g["record"]
-    buf = np.empty((len(ids), rec), np.uint8)
-    with open(os.path.join(self.path, f"experts_{layer}.bin"), "rb", buffering=0) as f:
-      for i, e in enumerate(ids):
-        f.seek(int(e) * rec)
-        view, got = memoryview(buf[i]), 0
-        while got < rec:
-          n = f.readinto(view[got:])
-          if not n:
-            raise OSError(f"{self.path}/experts_{layer}.bin: short read")
-          got += n
-    out = [_decode(buf[:, x["offset"]:x["offset"] + x["nbytes"]], x["dtype"], x["shape"])
-           for x in g["leaves"]]
-    return out, len(ids) * rec
-
-  def load(self, group: str):
-    """The plain tree of `group` as device arrays, read leaf by leaf (each into its own new host
-    array, handed to `jax.device_put`, which may keep it as the device buffer on CPU)."""
-    flat = {}
-    with open(os.path.join(self.path, group + ".bin"), "rb", buffering=0) as f:
-      for x in self.groups[group]["leaves"]:
-        packed = np.dtype(jnp.dtype(x["dtype"])) == INT4
-        a = np.empty(x["nbytes"] if packed else x["shape"], np.uint8 if packed else
-                     jnp.dtype(x["dtype"]))
-        view = memoryview(a.reshape(-1).view(np.uint8))
-        f.seek(x["offset"])
-        got = 0
-        while got < x["nbytes"]:
-          n = f.readinto(view[got:])
-          if not n:
-            raise OSError(f"{self.path}/{group}.bin: short read")
-          got += n
-        if packed:
-          a = _decode(a, x["dtype"], x["shape"])
-        flat[tuple(x["path"].split("/"))] = jax.device_put(a)
-    return flax.traverse_util.unflatten_dict(flat)
-
-  def read(self, group: str):
-    """The plain tree of `group` (numpy views of one buffer read from its file)."""
-    g = self.groups[group]
-    buf = np.empty(g["bytes"], np.uint8)
-    with open(os.path.join(self.path, group + ".bin"), "rb", buffering=0) as f:
-      view, got = memoryview(buf), 0
-      while got < len(buf):
-        n = f.readinto(view[got:])
-        if not n:
-          raise OSError(f"{self.path}/{group}.bin: short read")
-        got += n
-    flat = {tuple(x["path"].split("/")): _decode(buf[x["offset"]:x["offset"] + x["nbytes"]],
-                                                 x["dtype"], x["shape"]) for x in g["leaves"]}
-    return flax.traverse_util.unflatten_dict(flat)
 
 
 # ------------------------------------------------------------------ the model's two ends
@@ -482,94 +152,6 @@ def _block_decode(v, cache, x, layer, *, cfg, spec, moe, experts):
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "moe", "experts"))
 def _block(v, x, layer, *, cfg, spec, moe, experts):
   return _modules(cfg, spec, experts)[1][(False, moe)].apply(v, x, layer)[0]
-
-
-# ------------------------------------------------------------------ routed experts on demand
-class ExpertStore:
-  """The routed experts of a layout's MoE blocks, read from `experts_<l>.bin` only when routed to,
-  through an LRU cache of `capacity` expert records (0: no cache).
-
-  `fetch(layer, slots)` is traceable (the MoE layer's `ops.moe.moe_ffn(fetch=...)` calls it inside
-  the jitted block): a host callback returns `{gate, up, down}` for the `S` slots (slot value E:
-  unused, zeros). Counts `bytes_read`, `hits` and `misses` (expert records).
-
-  Stores of one layout compare equal (they are a static argument of the jitted blocks, so a new
-  store reuses the compiled code); the callback serves the store opened last for that layout
-  (`_OPEN`), so open one store per layout at a time."""
-
-  def __init__(self, layout: "Layout", capacity: int):
-    self.layout, self.capacity = layout, int(capacity)
-    self.key = os.path.realpath(layout.path)
-    _OPEN[self.key] = self
-    l0 = layout.expert_layers[0]
-    g = layout.groups[f"experts_{l0}"]
-    self.n, self.leaves = g["experts"], g["leaves"]
-    cfg = layout.cfg.model
-    self._abstract = {k: _abstract(cfg, layout.spec)[1][True]["moe"][k] for k in EXPERT_KERNELS}
-    self.cache = collections.OrderedDict()       # (layer, expert) -> [per-leaf arrays]
-    self.bytes_read = self.hits = self.misses = 0
-
-  def _host_dtype(self, x):
-    dt = jnp.dtype(x["dtype"])
-    return np.dtype(np.int8) if dt == jnp.int4 else dt   # int4 crosses the callback as int8
-
-  def host_fetch(self, layer, slots):
-    layer = int(layer)
-    out = [np.zeros((len(slots), *x["shape"]), self._host_dtype(x)) for x in self.leaves]
-    need = []
-    for i, e in enumerate(np.asarray(slots).tolist()):
-      if e >= self.n:
-        continue
-      rec = self.cache.get((layer, e))
-      if rec is None:
-        need.append((i, e))
-        continue
-      self.cache.move_to_end((layer, e))
-      self.hits += 1
-      for o, a in zip(out, rec):
-        o[i] = a
-    if need:
-      arrays, nbytes = self.layout.read_experts(layer, [e for _, e in need])
-      self.bytes_read += nbytes
-      self.misses += len(need)
-      for j, (i, e) in enumerate(need):
-        rec = [a[j].copy() for a in arrays]
-        for o, a in zip(out, rec):
-          o[i] = a
-        if self.capacity:
-          self.cache[(layer, e)] = rec
-          while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-    return tuple(out)
-
-  def __eq__(self, other):
-    return isinstance(other, ExpertStore) and other.key == self.key
-
-  def __hash__(self):
-    return hash(("ExpertStore", self.key))
-
-  def fetch(self, layer, slots_S):
-    S = slots_S.shape[0]
-    shapes = tuple(jax.ShapeDtypeStruct((S, *x["shape"]), self._host_dtype(x)) for x in self.leaves)
-    arrays = jax.pure_callback(functools.partial(_host_fetch, self.key), shapes, layer, slots_S)
-    flat = {tuple(x["path"].split("/")): a.astype(jnp.dtype(x["dtype"]))
-            for x, a in zip(self.leaves, arrays)}
-    return _from_plain(flax.traverse_util.unflatten_dict(flat), self._abstract)
-
-  def clear(self):
-    self.cache.clear()
-    if _OPEN.get(self.key) is self:
-      del _OPEN[self.key]
-
-
-_OPEN: dict[str, ExpertStore] = {}     # layout path -> the store its compiled blocks call
-
-
-def _host_fetch(key, layer, slots):
-  store = _OPEN.get(key)
-  if store is None:
-    raise RuntimeError(f"no open ExpertStore for {key} (the StreamedLM was closed)")
-  return store.host_fetch(layer, slots)
 
 
 # ------------------------------------------------------------------ budget
@@ -677,7 +259,11 @@ class StreamedLM:
     self.layout, self.cfg, self.spec = layout, layout.cfg.model, layout.spec
     self.plan = budget_plan(layout, budget, batch, eval_batch)
     self.layer_bytes_read = 0
-    self.experts = ExpertStore(layout, self.plan.expert_cache) if layout.expert_layers else None
+    self.experts = None
+    if layout.expert_layers:
+      abstract = _abstract(self.cfg, self.spec)[1][True]["moe"]
+      self.experts = ExpertStore(layout, self.plan.expert_cache,
+                                 {k: abstract[k] for k in EXPERT_KERNELS})
     self.resident = self._to_params(layout.load(RESIDENT), ends=True)
     self.cached = [self._load(l) for l in range(min(self.plan.cached, self.cfg.n_layers))]
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if self.plan.slots > 1 else None
@@ -793,31 +379,6 @@ class StreamedLM:
       self.experts.clear()
 
 
-def load_params(layout: Layout):
-  """`(params, moe_state)` of a whole layout, as `LM` (or the qwix PTQ LM) takes them (in memory;
-  `moe_state` is `{}` for a dense model)."""
-  cfg = layout.cfg.model
-  plain = layout.read(RESIDENT)
-  groups = [layout.read(f"layer_{l}") for l in range(cfg.n_layers)]
-  layers, states = [], []
-  for l, g in enumerate(groups):
-    p = dict(g["params"])
-    if f"experts_{l}" in layout.groups:
-      x = layout.groups[f"experts_{l}"]
-      arrays, _ = layout.read_experts(l, range(x["experts"]))
-      ex = flax.traverse_util.unflatten_dict(
-          {tuple(leaf["path"].split("/")): a for leaf, a in zip(x["leaves"], arrays)})
-      p["moe"] = {**p["moe"], **ex}
-    layers.append(p)
-    states.append(g.get("moe_state", {}))
-  params = _restack(cfg, plain, layers)
-  moe_state = _restack(cfg, {}, states) if cfg.moe is not None else {}
-  if layout.spec is None:
-    return params, moe_state
-  from mhc_jax.quant.core import abstract_qparams
-  return _from_plain(params, abstract_qparams(cfg, layout.spec)), moe_state
-
-
 def _status_bytes(key: str) -> int:
   """A kB field of /proc/self/status (e.g. `VmHWM`), in bytes; 0 when absent."""
   with open("/proc/self/status", encoding="ascii") as f:
@@ -885,6 +446,6 @@ def open_budgeted(run_dir: str, budget: int, *, step: int | None = None, batch: 
   return layout, m
 
 
-__all__ = ["Layout", "StreamedLM", "ExpertStore", "Plan", "plan", "ensure_layout", "build_layout",
+__all__ = ["Layout", "StreamedLM", "ExpertStore", "Plan", "FORMAT", "layout_dir", "split_layers", "plan", "ensure_layout", "build_layout",
            "write_layout", "load_params", "open_budgeted", "peak_rss", "current_rss",
            "reset_peak_rss", "kv_cache_bytes", "activation_bytes", "budget_plan", "Ends"]
