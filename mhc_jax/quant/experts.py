@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax.quant.io import _from_plain
-from mhc_jax.quant.layout import Layout
+from mhc_jax.quant.layout import Layout, host_zeros
 
 class ExpertStore:
   """The routed experts of a layout's MoE blocks, read from `experts_<l>.bin` only when routed to,
@@ -38,9 +38,11 @@ class ExpertStore:
     _OPEN[self.key] = self
     l0 = layout.expert_layers[0]
     g = layout.groups[f"experts_{l0}"]
-    self.n, self.leaves = g["experts"], g["leaves"]
+    self.n, self.leaves, self.record = g["experts"], g["leaves"], g["record"]
     self._abstract = abstract
-    self.cache = collections.OrderedDict()       # (layer, expert) -> [per-leaf arrays]
+    # the cache: raw records in one slab (pages are touched as it fills), LRU over its rows
+    self.slab = host_zeros((self.capacity, self.record), np.uint8) if self.capacity else None
+    self.cache = collections.OrderedDict()       # (layer, expert) -> slab row
     self.bytes_read = self.hits = self.misses = 0
 
   def _host_dtype(self, x):
@@ -48,33 +50,36 @@ class ExpertStore:
     return np.dtype(np.int8) if dt == jnp.int4 else dt   # int4 crosses the callback as int8
 
   def host_fetch(self, layer, slots):
+    """`{gate, up, down}` leaves `[S, ...]` of the experts `slots` of `layer` (numpy, host)."""
     layer = int(layer)
-    out = [np.zeros((len(slots), *x["shape"]), self._host_dtype(x)) for x in self.leaves]
+    raw = host_zeros((len(slots), self.record), np.uint8)      # unused slots stay zero
     need = []
     for i, e in enumerate(np.asarray(slots).tolist()):
       if e >= self.n:
         continue
-      rec = self.cache.get((layer, e))
-      if rec is None:
+      row = self.cache.get((layer, e))
+      if row is None:
         need.append((i, e))
         continue
       self.cache.move_to_end((layer, e))
       self.hits += 1
-      for o, a in zip(out, rec):
-        o[i] = a
+      raw[i] = self.slab[row]
     if need:
-      arrays, nbytes = self.layout.read_experts(layer, [e for _, e in need])
-      self.bytes_read += nbytes
+      self.bytes_read += self.layout.read_records(layer, [e for _, e in need],
+                                                  [raw[i] for i, _ in need])
       self.misses += len(need)
-      for j, (i, e) in enumerate(need):
-        rec = [a[j].copy() for a in arrays]
-        for o, a in zip(out, rec):
-          o[i] = a
-        if self.capacity:
-          self.cache[(layer, e)] = rec
-          while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-    return tuple(out)
+      for i, e in need:
+        if not self.capacity:
+          break
+        if len(self.cache) < self.capacity:
+          row = len(self.cache)
+        else:
+          _, row = self.cache.popitem(last=False)          # least recently used
+        self.slab[row] = raw[i]
+        self.cache[(layer, e)] = row
+    out = self.layout.decode_records(layer, raw, host_zeros)
+    return tuple(a.astype(np.int8) if a.dtype != self._host_dtype(x) else a
+                 for x, a in zip(self.leaves, out))
 
   def __eq__(self, other):
     return isinstance(other, ExpertStore) and other.key == self.key

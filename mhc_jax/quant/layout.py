@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -112,18 +113,40 @@ def _stored_nbytes(a: np.ndarray) -> int:
   return (a.size + 1) // 2 if a.dtype == INT4 else a.nbytes
 
 
-def _decode(raw: np.ndarray, dtype, shape) -> np.ndarray:
-  """`raw` uint8 `[..., nbytes]` (one leaf, or a leading axis of several) -> `[..., *shape]`."""
+MAP_MIN = 1 << 20     # host buffers of at least this many bytes get their own memory map
+
+
+def host_zeros(shape, dtype) -> np.ndarray:
+  """A new zero-filled host array; from `MAP_MIN` bytes up in its own anonymous memory map, so that
+  when it is freed its pages go back to the OS at once. (glibc's heap may keep a freed large
+  buffer: it raises its mmap threshold after each large free, and the freed layer and expert
+  buffers of a streamed model then pile up in the heap, above the budget.)"""
+  dtype = np.dtype(dtype)
+  count = int(np.prod(shape, dtype=np.int64))
+  if count * dtype.itemsize < MAP_MIN:
+    return np.zeros(shape, dtype)
+  buf = mmap.mmap(-1, count * dtype.itemsize)
+  return np.frombuffer(buf, dtype, count=count).reshape(shape)
+
+
+def _decode(raw: np.ndarray, dtype, shape, alloc=np.empty) -> np.ndarray:
+  """`raw` uint8 `[..., nbytes]` (one leaf, or a leading axis of several) -> `[..., *shape]`
+  (new arrays from `alloc(shape, dtype)`)."""
   dtype = np.dtype(jnp.dtype(dtype))
   lead = raw.shape[:-1]
   if dtype != INT4:
-    return np.ascontiguousarray(raw).view(dtype).reshape(*lead, *shape)
+    out = alloc((*lead, *shape), dtype)
+    out.reshape(*lead, -1).view(np.uint8)[...] = raw.reshape(*lead, -1)
+    return out
   n = int(np.prod(shape, dtype=np.int64))
-  v = np.empty((*lead, 2 * raw.shape[-1]), np.int8)
+  v = alloc((*lead, 2 * raw.shape[-1]), np.int8)
   v[..., 0::2] = raw & 0xF
   v[..., 1::2] = raw >> 4
-  v = (v ^ 8) - 8                                   # 4-bit two's complement: 8..15 -> -8..-1
-  return v[..., :n].astype(INT4).reshape(*lead, *shape)
+  np.bitwise_xor(v, 8, out=v)                       # 4-bit two's complement: 8..15 -> -8..-1
+  np.subtract(v, 8, out=v)
+  out = alloc((*lead, *shape), INT4)
+  out.reshape(*lead, -1)[...] = v[..., :n]
+  return out
 
 
 def _write_group(path: str, tree) -> dict:
@@ -290,24 +313,32 @@ class Layout:
     return max(x["nbytes"] for g in self.groups.values() if "record" not in g
                for x in g["leaves"])
 
-  def read_experts(self, layer: int, ids) -> tuple[list[np.ndarray], int]:
-    """The records of experts `ids` of `layer` as `[len(ids), ...]` arrays, one per leaf (in the
-    order of `groups["experts_<l>"]["leaves"]`), and the bytes read."""
-    g = self.groups[f"experts_{layer}"]
-    rec = g["record"]
-    buf = np.empty((len(ids), rec), np.uint8)
+  def read_records(self, layer: int, ids, rows) -> int:
+    """Read the raw records of experts `ids` of `layer` into the uint8 `rows[i]`; bytes read."""
+    rec = self.groups[f"experts_{layer}"]["record"]
     with open(os.path.join(self.path, f"experts_{layer}.bin"), "rb", buffering=0) as f:
       for i, e in enumerate(ids):
         f.seek(int(e) * rec)
-        view, got = memoryview(buf[i]), 0
+        view, got = memoryview(rows[i]), 0
         while got < rec:
           n = f.readinto(view[got:])
           if not n:
             raise OSError(f"{self.path}/experts_{layer}.bin: short read")
           got += n
-    out = [_decode(buf[:, x["offset"]:x["offset"] + x["nbytes"]], x["dtype"], x["shape"])
-           for x in g["leaves"]]
-    return out, len(ids) * rec
+    return len(ids) * rec
+
+  def decode_records(self, layer: int, raw, alloc=np.empty) -> list[np.ndarray]:
+    """`raw` uint8 records `[n, record]` -> `[n, ...]` arrays, one per leaf (in the order of
+    `groups["experts_<l>"]["leaves"]`)."""
+    return [_decode(raw[:, x["offset"]:x["offset"] + x["nbytes"]], x["dtype"], x["shape"], alloc)
+            for x in self.groups[f"experts_{layer}"]["leaves"]]
+
+  def read_experts(self, layer: int, ids) -> tuple[list[np.ndarray], int]:
+    """The records of experts `ids` of `layer` as `[len(ids), ...]` arrays, one per leaf, and the
+    bytes read."""
+    buf = np.empty((len(ids), self.groups[f"experts_{layer}"]["record"]), np.uint8)
+    nbytes = self.read_records(layer, ids, buf)
+    return self.decode_records(layer, buf), nbytes
 
   def load(self, group: str):
     """The plain tree of `group` as device arrays, read leaf by leaf (each into its own new host
