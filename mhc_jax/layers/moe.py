@@ -16,9 +16,9 @@ statistics as values (`counts [E]`, `seq_aux_loss`, `router_entropy`): the form 
 `nn.scan` and `jax.checkpoint` as ordinary outputs (the LM's blocks use it).
 
 `experts`: None (the routed experts are the params above), or an expert source for the layer-
-streaming path (`mhc_jax.quant.stream`): an object whose `fetch(layer, slots)` returns only the
-experts a batch routes to (`ops.moe.moe_ffn(fetch=...)`); gate/up/down are then not params, and the
-call takes the block's `layer` index.
+streaming path (`mhc_jax.quant.experts.ExpertStore`): an object whose `fetch(layer, slots)`
+returns only the experts a batch routes to (`ops.moe.moe_ffn(fetch=...)`); gate/up/down are then
+not params, and the call takes the block's `layer` index.
 
 `implementation`: "auto" (`ops.moe.default_implementation()`: "tiled" on CPU, "ragged" on GPU/TPU),
 "ragged", "tiled" or "dense" (see `mhc_jax.ops.moe`).

@@ -23,7 +23,7 @@ from mhc_jax.train.step import eval_summary, model_variables
 from mhc_jax.train.trainer import count_bytes
 
 def _model(cfg: ModelConfig, spec: QuantSpec | None, decode: bool = False):
-  """The qwix PTQ LM of `spec`; the float `LM` for `spec=None` (a float layout of `quant.stream`)."""
+  """The qwix PTQ LM of `spec`; the float `LM` for `spec=None` (a float layout of `quant.layout`)."""
   return LM(cfg, decode=decode) if spec is None else quantized_lm(cfg, spec, decode=decode)
 
 

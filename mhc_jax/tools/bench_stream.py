@@ -11,7 +11,7 @@ leaves room for, and the report adds the expert bytes read per token and the cac
 `--mode int8|int4`: the weights are quantised (`mhc_jax.quant`) before the layout is written.
 
 A float32 model initialised with `LM(cfg).init` (weights dominate: vocab 256) is written once as a
-`mhc_jax.quant.stream` layout; then each mode runs in its own child process (`--child`): in memory
+`mhc_jax.quant.layout` layout; then each mode runs in its own child process (`--child`): in memory
 (`load_params` + the `lax.scan` decoder of `mhc_jax.sample`), and streamed at a budget of
 `--budget-frac` of the weights, `--rounds` times each, alternated (the fastest run of each mode is
 reported; all rates are in the JSON). Each child generates once (compiling), drops the model, takes
