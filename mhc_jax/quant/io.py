@@ -19,9 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from mhc_jax.config import ConfigError, RunConfig
-import qwix
 
-from mhc_jax.quant.core import QuantSpec, WithAux, abstract_qparams, check_spec
+from mhc_jax.quant.core import QuantSpec, WithAux, _is_q, abstract_qparams, check_spec
 from mhc_jax.train import run_dir as rd
 
 QUANT_JSON = "quant.json"
@@ -32,10 +31,6 @@ FORMAT = "mhc_jax.quant/1"
 
 def is_quantized_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, QUANT_JSON))
-
-
-def _is_q(x):
-  return isinstance(x, (WithAux, qwix.QArray))
 
 
 def _to_plain(qparams):

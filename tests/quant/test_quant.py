@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax import cli
+from tests.quant.helpers import run_cli as _cli
 from mhc_jax.config import ConfigError, apply_overrides
 from mhc_jax.configs import tiny
 from mhc_jax.model import LM
@@ -208,12 +208,6 @@ def run_dir(tmp_path_factory):
   rd = str(root / "run")
   train(cfg, rd, progress=False)
   return rd
-
-
-def _cli(argv, capsys):
-  code = cli.main(argv)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def test_cli_quantize_then_eval_and_sample(run_dir, tmp_path, capsys):

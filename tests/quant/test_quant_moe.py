@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import qwix
 
-from mhc_jax import cli
+from tests.quant.helpers import run_cli as _cli
 from mhc_jax.config import ConnectionConfig, MLAConfig, ModelConfig, MoEConfig
 from mhc_jax.configs import tiny
 from mhc_jax.model import LM
@@ -273,12 +273,6 @@ def moe_run(tmp_path_factory):
   out = str(root / "run")
   train(cfg, out, progress=False)
   return out
-
-
-def _cli(argv, capsys):
-  code = cli.main(argv)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax import cli
+from tests.quant.helpers import run_cli as _cli
 from mhc_jax.config import ConfigError, apply_overrides
 from mhc_jax.configs import tiny
 from mhc_jax.model import LM
@@ -88,12 +88,6 @@ def test_budget_below_one_layer(tmp_path):
   with pytest.raises(ConfigError, match=r"--max-memory=.* is not allowed: below the minimum"):
     stream.StreamedLM(layout, p.minimum - 1)
   assert stream.StreamedLM(layout, p.minimum).plan.slots == 1
-
-
-def _cli(argv, capsys):
-  code = cli.main(argv)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.fixture(scope="module")
